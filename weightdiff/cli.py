@@ -1,0 +1,265 @@
+"""The ``weightdiff`` command line: a thin typer layer over the Python API.
+
+Parses options, shows the plan, progress and summaries, and maps every ``WeightdiffError`` to its exit code in
+one place (``main``). Data goes to stdout, progress and diagnostics to stderr. No metric is computed here.
+Exit codes: 0 success, 1 a gate failed, 2 usage/input/IO/network error, 3 nothing comparable.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.text import Text
+
+from weightdiff.errors import EXIT_USAGE, WeightdiffError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+    help="How a fine-tuned model differs from its base, weight by weight.",
+)
+
+# Reusable option types, so every command spells its options the same way.
+IncludeOpt = Annotated[
+    list[str] | None,
+    typer.Option("--include", help="Only tensors whose name matches this glob (repeatable)."),
+]
+ExcludeOpt = Annotated[
+    list[str] | None,
+    typer.Option("--exclude", help="Skip tensors whose name matches this glob (repeatable)."),
+]
+DeviceOpt = Annotated[
+    str, typer.Option("--device", help="auto, cpu, cuda or cuda:N (auto picks CUDA when present).")
+]
+TokenOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--token",
+        help="Hugging Face token for private or gated repos (default: HF_TOKEN, then the stored login).",
+        show_default=False,
+    ),
+]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar and no plan on stderr.")]
+
+
+def _stderr() -> Console:
+    return Console(stderr=True, highlight=False)
+
+
+def _stdout(to_stderr: bool = False) -> Console:
+    return Console(stderr=to_stderr, highlight=False)
+
+
+class _Progress:
+    """Progress on stderr: a bar on a terminal, nothing otherwise (and nothing with --quiet)."""
+
+    def __init__(self, quiet: bool) -> None:
+        self.enabled = not quiet and sys.stderr.isatty()
+        self.progress: Any = None
+        self.task: Any = None
+
+    def start(self, total_bytes: int, total_tensors: int) -> None:
+        if not self.enabled:
+            return
+        from rich.progress import (
+            BarColumn,
+            DownloadColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeRemainingColumn,
+            TransferSpeedColumn,
+        )
+
+        self.progress = Progress(
+            TextColumn("[bold]comparing"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("tensors"),
+            DownloadColumn(),
+            TransferSpeedColumn(),
+            TimeRemainingColumn(),
+            console=_stderr(),
+            transient=True,
+        )
+        self.progress.start()
+        self.task = self.progress.add_task("compare", total=total_bytes)
+        self.total_tensors = total_tensors
+        self.done = 0
+
+    def advance(self, nbytes: int) -> None:
+        if self.progress is not None:
+            self.done += 1
+            self.progress.update(self.task, advance=nbytes)
+
+    def stop(self) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+            self.progress = None
+
+
+def _version_callback(value: bool) -> None:
+    if value:
+        from weightdiff import __version__
+
+        typer.echo(f"weightdiff {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", callback=_version_callback, is_eager=True, help="Print the version and exit."
+        ),
+    ] = False,
+) -> None:
+    """How a fine-tuned model differs from its base, weight by weight."""
+
+
+@app.command()
+def compare(
+    base: Annotated[
+        str, typer.Argument(help="Base checkpoint: a .safetensors file, a directory, or a Hub repo id.")
+    ],
+    tuned: Annotated[str, typer.Argument(help="Fine-tuned checkpoint, same forms as BASE.")],
+    output: Annotated[
+        str | None, typer.Option("--output", "-o", help="Write the per-tensor report to this Parquet file.")
+    ] = None,
+    json_path: Annotated[
+        str | None, typer.Option("--json", help="Write a JSON summary to this path ('-' for stdout).")
+    ] = None,
+    include: IncludeOpt = None,
+    exclude: ExcludeOpt = None,
+    atol: Annotated[float, typer.Option("--atol", help="Absolute tolerance for changed_atol.")] = 1e-5,
+    device: DeviceOpt = "auto",
+    no_spectral: Annotated[
+        bool, typer.Option("--no-spectral", help="Element-wise metrics only (no SVDs).")
+    ] = False,
+    rank: Annotated[int, typer.Option("--rank", help="k: singular subspace size for angles and drift.")] = 64,
+    principal_rank: Annotated[
+        int,
+        typer.Option(
+            "--principal-rank", help="r: rank of the reconstruction that defines principal weights."
+        ),
+    ] = 64,
+    alpha: Annotated[
+        float, typer.Option("--alpha", help="Fraction of entries in the principal and low-magnitude masks.")
+    ] = 0.5,
+    svd: Annotated[str, typer.Option("--svd", help="SVD solver: exact, fast or auto.")] = "auto",
+    spectra: Annotated[
+        str | None,
+        typer.Option("--spectra", help="Also write singular values and angle vectors to this Parquet file."),
+    ] = None,
+    base_revision: Annotated[
+        str | None, typer.Option("--base-revision", help="Hub revision of BASE.")
+    ] = None,
+    tuned_revision: Annotated[
+        str | None, typer.Option("--tuned-revision", help="Hub revision of TUNED.")
+    ] = None,
+    token: TokenOpt = None,
+    download: Annotated[
+        bool,
+        typer.Option(
+            "--download", help="Hub: download shards into the HF cache instead of streaming ranges."
+        ),
+    ] = False,
+    heatmap: Annotated[
+        str, typer.Option("--heatmap", help="Column shown in the layer x module grid.")
+    ] = "sparsity_bf16",
+    top: Annotated[int, typer.Option("--top", help="How many most-changed tensors to list.")] = 10,
+    quiet: QuietOpt = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Print where the time went.")] = False,
+) -> None:
+    """Compare two checkpoints tensor by tensor and report how the weights changed."""
+    from weightdiff import api, summary, terminal
+    from weightdiff.engine import resolve_device
+    from weightdiff.schema import COLUMN_NAMES
+    from weightdiff.writers import check_output_path, write_json
+
+    if heatmap not in COLUMN_NAMES and not heatmap.endswith("_overlap_ratio"):
+        raise typer.BadParameter(f"unknown column {heatmap!r}", param_hint="--heatmap")
+    if json_path is not None and json_path != "-":
+        check_output_path(json_path, "--json")
+    err = _stderr()
+    out = _stdout(to_stderr=json_path == "-")
+    progress = _Progress(quiet)
+    dev, why = resolve_device(device)
+
+    def on_plan(plan: Any, base_src: Any, tuned_src: Any) -> None:
+        if not quiet:
+            for src in (base_src, tuned_src):
+                d = src.describe()
+                if d.get("kind") != "local" or not Path(src.given).exists():
+                    err.print(f"{src.given}: {d.get('kind')} source, resolved to {d.get('resolved')}")
+            terminal.render_plan(plan, err, base_src.given, tuned_src.given)
+            err.print(f"Device: {dev} ({why})")
+        progress.start(plan.total_bytes, len(plan.pairs))
+
+    started = time.perf_counter()
+    try:
+        report = api.compare(
+            base,
+            tuned,
+            output=output,
+            include=include or (),
+            exclude=exclude or (),
+            atol=atol,
+            device=str(dev),
+            spectral=not no_spectral,
+            rank=rank,
+            principal_rank=principal_rank,
+            alpha=alpha,
+            svd=svd,
+            spectra_output=spectra,
+            base_revision=base_revision,
+            tuned_revision=tuned_revision,
+            token=token,
+            download=download,
+            on_plan=on_plan,
+            on_progress=lambda pair: progress.advance(pair.nbytes),
+        )
+    finally:
+        progress.stop()
+    elapsed = time.perf_counter() - started
+    rows = report.rows
+    terminal.render_summary(rows, out, base, tuned, heatmap_column=heatmap, top=top)
+    if json_path is not None:
+        write_json(json_path, summary.summary_dict(rows, report.plan.as_dict(), report.metadata))
+    if output is not None and not quiet:
+        err.print(f"Wrote {len(rows)} rows to {output}")
+    if verbose:
+        t = report.timings
+        err.print(
+            f"Time: {elapsed:.2f} s total; waiting for reads {t.read_wait:.2f} s (reader busy {t.reader_busy:.2f} s), "
+            f"host-to-device {t.transfer:.2f} s, compute {t.compute:.2f} s"
+        )
+
+
+def main() -> None:
+    """Entry point: run the app and turn weightdiff errors into one-line messages and exit codes."""
+    try:
+        app()
+    except WeightdiffError as exc:
+        if os.environ.get("WEIGHTDIFF_DEBUG") == "1":
+            raise
+        _stderr().print(Text.assemble(("error: ", "bold red"), str(exc)), soft_wrap=True)
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        _stderr().print("interrupted; no report written")
+        sys.exit(130)
+    except Exception as exc:  # a bug: say so in one line, traceback on request
+        if os.environ.get("WEIGHTDIFF_DEBUG") == "1":
+            raise
+        message = f"{type(exc).__name__}: {exc} (set WEIGHTDIFF_DEBUG=1 for a traceback)"
+        _stderr().print(Text.assemble(("internal error: ", "bold red"), message), soft_wrap=True)
+        sys.exit(EXIT_USAGE)

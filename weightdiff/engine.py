@@ -1,0 +1,220 @@
+"""The streaming engine: pairs in, report rows out, with bounded memory.
+
+One background reader thread fetches the next pairs' bytes (a view of a memory map faulted in, a Hub range
+read, or a pinned host copy for CUDA) while the current pair is computed, bounded by bytes so that memory does
+not grow with the model. The compute side moves a pair to the chosen device, calls the pure metric functions,
+and hands the source back the pair's data so it can drop it. The engine knows nothing about files, the CLI or
+output formats: it yields rows (dicts keyed by the report schema's column names).
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from weightdiff.errors import InputError, WeightdiffError
+from weightdiff.metrics.elementwise import DEFAULT_ATOL, elementwise_metrics
+from weightdiff.naming import expert_of, layer_of, module_of
+from weightdiff.pairing import Pair, Plan
+from weightdiff.sources.base import Source
+
+
+@dataclass
+class EngineOptions:
+    """Everything that changes the numbers or where they are computed."""
+
+    atol: float = DEFAULT_ATOL
+    device: str = "auto"
+    spectral: bool = True
+    rank: int = 64
+    principal_rank: int = 64
+    alpha: float = 0.5
+    svd: str = "auto"
+    #: Bytes of tensor data the reader may hold ahead of the compute side (0 = one pair at a time).
+    prefetch_bytes: int = 1 << 30
+    #: Also return per-tensor singular values and angle vectors (for --spectra).
+    keep_spectra: bool = False
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "atol": self.atol,
+            "device": self.device,
+            "spectral": self.spectral,
+            "rank": self.rank,
+            "principal_rank": self.principal_rank,
+            "alpha": self.alpha,
+            "svd": self.svd,
+        }
+
+
+@dataclass
+class Timings:
+    """Where the time went, in seconds (read: waiting for data; compute: metrics, transfers included)."""
+
+    read_wait: float = 0.0
+    transfer: float = 0.0
+    compute: float = 0.0
+    reader_busy: float = 0.0
+    extras: dict[str, float] = field(default_factory=dict)
+
+
+def resolve_device(spec: str) -> tuple[torch.device, str]:
+    """The torch device for ``--device`` and a sentence saying why it was chosen."""
+    if spec == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda"), f"auto: CUDA is available ({torch.cuda.get_device_name(0)})"
+        return torch.device("cpu"), "auto: no CUDA device, using the CPU"
+    try:
+        device = torch.device(spec)
+    except (RuntimeError, ValueError):
+        raise InputError(f"--device: {spec!r} is not a device (use auto, cpu, cuda or cuda:N)") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise InputError(f"--device {spec}: CUDA is not available on this machine")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise InputError(f"--device {spec}: only {torch.cuda.device_count()} CUDA device(s) present")
+    elif device.type != "cpu":
+        raise InputError(f"--device: {spec!r} is not supported (use auto, cpu, cuda or cuda:N)")
+    return device, "as requested"
+
+
+def identity_columns(pair: Pair) -> dict[str, Any]:
+    return {
+        "name": pair.name,
+        "layer": layer_of(pair.name),
+        "expert": expert_of(pair.name),
+        "module": module_of(pair.name),
+        "shape": list(pair.base.shape),
+        "dtype_base": pair.base.dtype,
+        "dtype_tuned": pair.tuned.dtype,
+    }
+
+
+_DONE = object()
+
+
+class _Reader:
+    """Background thread that reads pairs ahead of the compute side, bounded by bytes in flight."""
+
+    def __init__(self, base: Source, tuned: Source, pairs: list[Pair], budget: int, pin: bool) -> None:
+        self.base, self.tuned, self.pairs, self.budget, self.pin = base, tuned, pairs, budget, pin
+        self.queue: queue.Queue[Any] = queue.Queue()
+        self.in_flight = 0
+        self.cond = threading.Condition()
+        self.stop = False
+        self.busy = 0.0
+        self.thread = threading.Thread(target=self._run, name="weightdiff-reader", daemon=True)
+        self.thread.start()
+
+    def _load(self, source: Source, pair: Pair, which: str) -> torch.Tensor:
+        info = pair.base if which == "base" else pair.tuned
+        t = source.read(info)
+        if self.pin:
+            pinned = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+            pinned.copy_(t)
+            source.release(info)
+            return pinned
+        if t.numel():
+            # Fault the pages in here, on the reader thread, so the compute side finds them resident. One byte
+            # per 4 KiB page is enough; the sum releases the GIL while it runs.
+            t.reshape(-1).view(torch.uint8)[::4096].sum()
+        return t
+
+    def _run(self) -> None:
+        try:
+            for pair in self.pairs:
+                with self.cond:
+                    # Admit a pair when nothing is in flight, or when it fits in the byte budget.
+                    while not self.stop and self.in_flight and self.in_flight + pair.nbytes > self.budget:
+                        self.cond.wait()
+                    if self.stop:
+                        return
+                    self.in_flight += pair.nbytes
+                t0 = time.perf_counter()
+                item = (pair, self._load(self.base, pair, "base"), self._load(self.tuned, pair, "tuned"))
+                self.busy += time.perf_counter() - t0
+                self.queue.put(item)
+        except BaseException as exc:  # handed to the compute side, which re-raises it
+            self.queue.put(exc)
+            return
+        self.queue.put(_DONE)
+
+    def done_with(self, pair: Pair) -> None:
+        with self.cond:
+            self.in_flight -= pair.nbytes
+            self.cond.notify_all()
+
+    def close(self) -> None:
+        with self.cond:
+            self.stop = True
+            self.cond.notify_all()
+        # Drain so that a reader blocked on put() (never: the queue is unbounded) or wait() can finish.
+        self.thread.join(timeout=5)
+
+
+def compare_pairs(
+    base: Source,
+    tuned: Source,
+    plan: Plan,
+    options: EngineOptions,
+    on_progress: Callable[[Pair], None] | None = None,
+    timings: Timings | None = None,
+    spectra: list[dict[str, Any]] | None = None,
+) -> Iterator[dict[str, Any]]:
+    """Yield one report row per planned pair, in plan order."""
+    device, _why = resolve_device(options.device)
+    timings = timings if timings is not None else Timings()
+    spectral_fn = None
+    if options.spectral:
+        from weightdiff.metrics.spectral import SpectralOptions, spectral_metrics
+
+        spectral_opts = SpectralOptions(
+            rank=options.rank, principal_rank=options.principal_rank, alpha=options.alpha, solver=options.svd
+        )
+        spectral_fn = spectral_metrics
+    reader = _Reader(base, tuned, plan.pairs, options.prefetch_bytes, pin=device.type == "cuda")
+    try:
+        while True:
+            t0 = time.perf_counter()
+            item = reader.queue.get()
+            timings.read_wait += time.perf_counter() - t0
+            if item is _DONE:
+                break
+            if isinstance(item, BaseException):
+                raise item
+            pair, x, y = item
+            t1 = time.perf_counter()
+            if device.type != "cpu":
+                x = x.to(device, non_blocking=True)
+                y = y.to(device, non_blocking=True)
+            t2 = time.perf_counter()
+            row = identity_columns(pair)
+            try:
+                row.update(elementwise_metrics(x, y, atol=options.atol))
+                if spectral_fn is not None and x.dim() == 2 and min(x.shape) >= 2:
+                    spec = spectral_fn(x, y, spectral_opts)
+                    row.update(spec.columns)
+                    if spectra is not None and options.keep_spectra:
+                        spectra.append({"name": pair.name, **spec.vectors})
+            except WeightdiffError:
+                raise
+            except RuntimeError as exc:
+                raise WeightdiffError(f"{pair.name}: computing metrics failed on {device} ({exc})") from exc
+            timings.transfer += t2 - t1
+            timings.compute += time.perf_counter() - t2
+            del x, y
+            base.release(pair.base)
+            tuned.release(pair.tuned)
+            reader.done_with(pair)
+            if on_progress is not None:
+                on_progress(pair)
+            yield row
+    finally:
+        reader.close()
+        timings.reader_busy = reader.busy
