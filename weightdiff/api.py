@@ -138,8 +138,8 @@ def _validate(options: EngineOptions) -> None:
         raise InputError(f"--principal-rank must be at least 1, got {options.principal_rank}")
     if not 0 < options.alpha <= 1:
         raise InputError(f"--alpha must be in (0, 1], got {options.alpha}")
-    if options.svd not in ("auto", "exact", "fast"):
-        raise InputError(f"--svd must be one of auto, exact, fast; got {options.svd!r}")
+    if options.svd not in ("auto", "exact", "fast", "gram"):
+        raise InputError(f"--svd must be one of auto, exact, gram, fast; got {options.svd!r}")
 
 
 def _run(

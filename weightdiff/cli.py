@@ -48,6 +48,30 @@ TokenOpt = Annotated[
     ),
 ]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar and no plan on stderr.")]
+# The CI gate's options, shared by compare and check (docs/ci-gate.md).
+FailIfOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--fail-if",
+        metavar="RULE",
+        help="Fail (exit 1) when this rule holds, e.g. 'sparsity_bf16 < 0.5' (repeatable).",
+    ),
+]
+PolicyOpt = Annotated[
+    str | None,
+    typer.Option("--policy", metavar="FILE.toml", help="Gate rules ([[rule]] tables) from a TOML file."),
+]
+StrictOpt = Annotated[
+    bool,
+    typer.Option("--strict", help="Fail when a tensor is on one side only or the shapes differ."),
+]
+ExitZeroOpt = Annotated[
+    bool, typer.Option("--exit-zero", help="Report the gate's verdict but exit 0 when it fails.")
+]
+MarkdownOpt = Annotated[
+    str | None,
+    typer.Option("--markdown", metavar="PATH", help="Write a Markdown summary (e.g. $GITHUB_STEP_SUMMARY)."),
+]
 
 
 def _stderr() -> Console:
@@ -155,7 +179,7 @@ def compare(
     alpha: Annotated[
         float, typer.Option("--alpha", help="Fraction of entries in the principal and low-magnitude masks.")
     ] = 0.5,
-    svd: Annotated[str, typer.Option("--svd", help="SVD solver: exact, fast or auto.")] = "auto",
+    svd: Annotated[str, typer.Option("--svd", help="SVD solver: exact, gram, fast or auto.")] = "auto",
     spectra: Annotated[
         str | None,
         typer.Option("--spectra", help="Also write singular values and angle vectors to this Parquet file."),
@@ -179,17 +203,28 @@ def compare(
     top: Annotated[int, typer.Option("--top", help="How many most-changed tensors to list.")] = 10,
     quiet: QuietOpt = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Print where the time went.")] = False,
+    fail_if: FailIfOpt = None,
+    policy: PolicyOpt = None,
+    strict: StrictOpt = False,
+    exit_zero: ExitZeroOpt = False,
+    markdown: MarkdownOpt = None,
 ) -> None:
     """Compare two checkpoints tensor by tensor and report how the weights changed."""
-    from weightdiff import api, summary, terminal
+    from weightdiff import api, gate, summary, terminal
     from weightdiff.engine import resolve_device
     from weightdiff.schema import COLUMN_NAMES
-    from weightdiff.writers import check_output_path, write_json
+    from weightdiff.writers import check_output_path, write_json, write_text
 
     if heatmap not in COLUMN_NAMES and not heatmap.endswith("_overlap_ratio"):
         raise typer.BadParameter(f"unknown column {heatmap!r}", param_hint="--heatmap")
     if json_path is not None and json_path != "-":
         check_output_path(json_path, "--json")
+    # Gate rules are parsed before any weight is read: a typo in a rule fails in a second, not after an hour.
+    rules, policy_strict = gate.collect_rules(fail_if or (), policy)
+    strict = strict or policy_strict
+    gating = bool(rules) or strict
+    if markdown is not None and markdown != "-":
+        check_output_path(markdown, "--markdown")
     err = _stderr()
     out = _stdout(to_stderr=json_path == "-")
     progress = _Progress(quiet)
@@ -233,8 +268,21 @@ def compare(
     elapsed = time.perf_counter() - started
     rows = report.rows
     terminal.render_summary(rows, out, base, tuned, heatmap_column=heatmap, top=top)
+    verdict = None
+    if gating:
+        from weightdiff import verdict as render
+
+        verdict = gate.evaluate(rules, rows, report.plan.as_dict(), strict=strict)
+        render.render_panel(verdict, out)
     if json_path is not None:
-        write_json(json_path, summary.summary_dict(rows, report.plan.as_dict(), report.metadata))
+        doc = summary.summary_dict(rows, report.plan.as_dict(), report.metadata)
+        if verdict is not None:
+            doc["verdict"] = {k: v for k, v in verdict.as_dict().items() if k != "schema_version"}
+        write_json(json_path, doc)
+    if markdown is not None:
+        from weightdiff.verdict import to_markdown
+
+        write_text(markdown, to_markdown(verdict, rows, report.metadata))
     if output is not None and not quiet:
         err.print(f"Wrote {len(rows)} rows to {output}")
     if verbose:
@@ -243,6 +291,175 @@ def compare(
             f"Time: {elapsed:.2f} s total; waiting for reads {t.read_wait:.2f} s (reader busy {t.reader_busy:.2f} s), "
             f"host-to-device {t.transfer:.2f} s, compute {t.compute:.2f} s"
         )
+    _gate_exit(verdict, exit_zero)
+
+
+def _gate_exit(verdict: Any, exit_zero: bool) -> None:
+    """Exit 1 when the gate failed, unless --exit-zero asks CI to keep going (the verdict is still shown)."""
+    if verdict is not None and verdict.failed and not exit_zero:
+        raise typer.Exit(code=1)
+
+
+@app.command()
+def check(
+    report: Annotated[str, typer.Argument(help="A Parquet report written by weightdiff compare -o.")],
+    fail_if: FailIfOpt = None,
+    policy: PolicyOpt = None,
+    strict: StrictOpt = False,
+    exit_zero: ExitZeroOpt = False,
+    json_path: Annotated[
+        str | None, typer.Option("--json", help="Write the JSON verdict to this path ('-' for stdout).")
+    ] = None,
+    markdown: MarkdownOpt = None,
+) -> None:
+    """Evaluate gate rules on a saved report, without reading any weights."""
+    from weightdiff import gate
+    from weightdiff import verdict as render
+    from weightdiff.errors import RuleError
+    from weightdiff.writers import check_output_path, write_json, write_text
+
+    for path, option in ((json_path, "--json"), (markdown, "--markdown")):
+        if path is not None and path != "-":
+            check_output_path(path, option)
+    saved = gate.load_report(report)
+    rules, policy_strict = gate.collect_rules(fail_if or (), policy, columns=saved.columns())
+    strict = strict or policy_strict
+    if not rules and not strict:
+        # A gate that checks nothing would pass every release: refuse it rather than exit 0.
+        raise RuleError("nothing to check: give --fail-if RULE, --policy FILE.toml or --strict")
+    verdict = gate.evaluate(
+        rules,
+        saved.rows,
+        saved.plan,
+        strict=strict,
+        schema_version=saved.metadata.get("schema_version"),
+        source=str(saved.path),
+    )
+    render.render_panel(verdict, _stdout(to_stderr=json_path == "-"), subject=str(saved.path))
+    if json_path is not None:
+        write_json(json_path, render.to_json(verdict))
+    if markdown is not None:
+        write_text(markdown, render.to_markdown(verdict, saved.rows, saved.metadata))
+    _gate_exit(verdict, exit_zero)
+
+
+@app.command()
+def consistency(
+    base: Annotated[
+        str, typer.Argument(help="Base checkpoint: a .safetensors file, a directory, or a Hub repo id.")
+    ],
+    runs: Annotated[
+        list[str], typer.Argument(help="Two or more fine-tuned runs of BASE, same forms as BASE.")
+    ],
+    output: Annotated[
+        str, typer.Option("--output", "-o", help="Write the per-tensor table to this Parquet file.")
+    ],
+    stripes: Annotated[
+        str | None,
+        typer.Option(
+            "--stripes", help="Also write the consensus map's row and column means to this Parquet file."
+        ),
+    ] = None,
+    json_path: Annotated[
+        str | None, typer.Option("--json", help="Write a JSON summary to this path ('-' for stdout).")
+    ] = None,
+    include: IncludeOpt = None,
+    exclude: ExcludeOpt = None,
+    device: DeviceOpt = "auto",
+    token: TokenOpt = None,
+    quiet: QuietOpt = False,
+) -> None:
+    """Do several fine-tunes of one base update the same weights? Compares their bf16 update masks."""
+    from weightdiff import consistency as cons
+    from weightdiff.engine import resolve_device
+    from weightdiff.errors import InputError
+    from weightdiff.writers import check_output_path, write_json
+
+    if len(runs) < 2:
+        raise InputError(f"consistency needs BASE and at least two runs, got {len(runs)} run")
+    if json_path is not None and json_path != "-":
+        check_output_path(json_path, "--json")
+    err = _stderr()
+    out = _stdout(to_stderr=json_path == "-")
+    progress = _Progress(quiet)
+    dev, why = resolve_device(device)
+
+    def on_plan(plan: Any, base_src: Any, run_srcs: Any) -> None:
+        if not quiet:
+            cons.render_plan(plan, err, base_src.given, [r.given for r in run_srcs])
+            err.print(f"Device: {dev} ({why})")
+        progress.start(plan.total_bytes, len(plan.items))
+
+    try:
+        report = cons.consistency(
+            base,
+            runs,
+            output=output,
+            stripes_output=stripes,
+            include=include or (),
+            exclude=exclude or (),
+            device=str(dev),
+            token=token,
+            on_plan=on_plan,
+            on_progress=lambda item: progress.advance(item.nbytes),
+        )
+    finally:
+        progress.stop()
+    rows = report.rows
+    cons.render_summary(rows, out, base, runs)
+    if json_path is not None:
+        write_json(json_path, report.summary())
+    if not quiet:
+        err.print(f"Wrote {len(rows)} rows to {output}" + (f" and stripes to {stripes}" if stripes else ""))
+
+
+@app.command()
+def spectrum(
+    checkpoint: Annotated[
+        str, typer.Argument(help="Checkpoint to analyse: a file, a directory or a Hub repo id.")
+    ],
+    tuned: Annotated[
+        str | None, typer.Argument(help="Optional second checkpoint: adds its spectrum and per-index drift.")
+    ] = None,
+    output: Annotated[
+        str | None, typer.Option("--output", "-o", help="Write the per-tensor report to this Parquet file.")
+    ] = None,
+    rank: Annotated[
+        int, typer.Option("--rank", help="How many top singular values to keep per tensor.")
+    ] = 64,
+    full: Annotated[
+        bool, typer.Option("--full", help="Keep every singular value, not just the top k.")
+    ] = False,
+    include: IncludeOpt = None,
+    exclude: ExcludeOpt = None,
+    device: DeviceOpt = "auto",
+    token: TokenOpt = None,
+    quiet: QuietOpt = False,
+) -> None:
+    """Singular spectra of a checkpoint's matrices: norms, stable and effective rank, top-k energy."""
+    from weightdiff import terminal
+    from weightdiff.spectrum import spectrum as run_spectrum
+
+    report = run_spectrum(
+        checkpoint,
+        tuned,
+        output=output,
+        rank=rank,
+        full=full,
+        include=include or (),
+        exclude=exclude or (),
+        device=device,
+        token=token,
+    )
+    if report.skipped and not quiet:
+        more = f" (+{len(report.skipped) - 5} more)" if len(report.skipped) > 5 else ""
+        _stderr().print(
+            f"{len(report.skipped)} tensors skipped (not 2-D, or not in both): {', '.join(report.skipped[:5])}{more}"
+        )
+    title = checkpoint if tuned is None else f"{checkpoint} → {tuned}"
+    terminal.render_spectrum(report.rows, _stdout(), title)
+    if output is not None and not quiet:
+        _stderr().print(f"Wrote {len(report.rows)} rows to {output}")
 
 
 def main() -> None:

@@ -23,6 +23,7 @@ from weightdiff.metrics.elementwise import DEFAULT_ATOL, elementwise_metrics
 from weightdiff.naming import expert_of, layer_of, module_of
 from weightdiff.pairing import Pair, Plan
 from weightdiff.sources.base import Source
+from weightdiff.sources.format import TensorInfo
 
 
 @dataclass
@@ -99,21 +100,36 @@ def identity_columns(pair: Pair) -> dict[str, Any]:
 _DONE = object()
 
 
-class _Reader:
-    """Background thread that reads pairs ahead of the compute side, bounded by bytes in flight."""
+@dataclass(frozen=True)
+class ReadJob:
+    """One unit of work for the reader: tensors to load together (a pair, or one tensor of one checkpoint)."""
 
-    def __init__(self, base: Source, tuned: Source, pairs: list[Pair], budget: int, pin: bool) -> None:
-        self.base, self.tuned, self.pairs, self.budget, self.pin = base, tuned, pairs, budget, pin
+    key: Any
+    parts: tuple[tuple[Source, TensorInfo], ...]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(info.nbytes for _, info in self.parts)
+
+
+class Reader:
+    """Background thread that loads jobs ahead of the compute side, bounded by bytes in flight.
+
+    Iterating yields ``(job, tensors)`` in job order; call ``done(job)`` once the tensors are no longer needed
+    so that the source may drop them and the next jobs may be admitted.
+    """
+
+    def __init__(self, jobs: list[ReadJob], budget: int, pin: bool, timings: Timings | None = None) -> None:
+        self.jobs, self.budget, self.pin = jobs, budget, pin
+        self.timings = timings if timings is not None else Timings()
         self.queue: queue.Queue[Any] = queue.Queue()
         self.in_flight = 0
         self.cond = threading.Condition()
         self.stop = False
-        self.busy = 0.0
         self.thread = threading.Thread(target=self._run, name="weightdiff-reader", daemon=True)
         self.thread.start()
 
-    def _load(self, source: Source, pair: Pair, which: str) -> torch.Tensor:
-        info = pair.base if which == "base" else pair.tuned
+    def _load(self, source: Source, info: TensorInfo) -> torch.Tensor:
         t = source.read(info)
         if self.pin:
             pinned = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
@@ -128,33 +144,45 @@ class _Reader:
 
     def _run(self) -> None:
         try:
-            for pair in self.pairs:
+            for job in self.jobs:
                 with self.cond:
-                    # Admit a pair when nothing is in flight, or when it fits in the byte budget.
-                    while not self.stop and self.in_flight and self.in_flight + pair.nbytes > self.budget:
+                    # Admit a job when nothing is in flight, or when it fits in the byte budget.
+                    while not self.stop and self.in_flight and self.in_flight + job.nbytes > self.budget:
                         self.cond.wait()
                     if self.stop:
                         return
-                    self.in_flight += pair.nbytes
+                    self.in_flight += job.nbytes
                 t0 = time.perf_counter()
-                item = (pair, self._load(self.base, pair, "base"), self._load(self.tuned, pair, "tuned"))
-                self.busy += time.perf_counter() - t0
-                self.queue.put(item)
+                tensors = [self._load(src, info) for src, info in job.parts]
+                self.timings.reader_busy += time.perf_counter() - t0
+                self.queue.put((job, tensors))
         except BaseException as exc:  # handed to the compute side, which re-raises it
             self.queue.put(exc)
             return
         self.queue.put(_DONE)
 
-    def done_with(self, pair: Pair) -> None:
+    def __iter__(self) -> Iterator[tuple[ReadJob, list[torch.Tensor]]]:
+        while True:
+            t0 = time.perf_counter()
+            item = self.queue.get()
+            self.timings.read_wait += time.perf_counter() - t0
+            if item is _DONE:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+
+    def done(self, job: ReadJob) -> None:
+        for src, info in job.parts:
+            src.release(info)
         with self.cond:
-            self.in_flight -= pair.nbytes
+            self.in_flight -= job.nbytes
             self.cond.notify_all()
 
     def close(self) -> None:
         with self.cond:
             self.stop = True
             self.cond.notify_all()
-        # Drain so that a reader blocked on put() (never: the queue is unbounded) or wait() can finish.
         self.thread.join(timeout=5)
 
 
@@ -178,17 +206,11 @@ def compare_pairs(
             rank=options.rank, principal_rank=options.principal_rank, alpha=options.alpha, solver=options.svd
         )
         spectral_fn = spectral_metrics
-    reader = _Reader(base, tuned, plan.pairs, options.prefetch_bytes, pin=device.type == "cuda")
+    jobs = [ReadJob(pair, ((base, pair.base), (tuned, pair.tuned))) for pair in plan.pairs]
+    reader = Reader(jobs, options.prefetch_bytes, pin=device.type == "cuda", timings=timings)
     try:
-        while True:
-            t0 = time.perf_counter()
-            item = reader.queue.get()
-            timings.read_wait += time.perf_counter() - t0
-            if item is _DONE:
-                break
-            if isinstance(item, BaseException):
-                raise item
-            pair, x, y = item
+        for job, (x, y) in reader:
+            pair = job.key
             t1 = time.perf_counter()
             if device.type != "cpu":
                 x = x.to(device, non_blocking=True)
@@ -209,12 +231,9 @@ def compare_pairs(
             timings.transfer += t2 - t1
             timings.compute += time.perf_counter() - t2
             del x, y
-            base.release(pair.base)
-            tuned.release(pair.tuned)
-            reader.done_with(pair)
+            reader.done(job)
             if on_progress is not None:
                 on_progress(pair)
             yield row
     finally:
         reader.close()
-        timings.reader_busy = reader.busy

@@ -152,13 +152,90 @@ SPECTRAL_COLUMNS = (
     Column(
         "svd_solver",
         _STR,
-        "solver that produced the spectral columns: exact or fast (null when none ran)",
+        "solver that produced the spectral columns: exact, gram or fast (null when none ran)",
         True,
     ),
 )
 
 COMPARE_COLUMNS: tuple[Column, ...] = IDENTITY_COLUMNS + ELEMENTWISE_COLUMNS + SPECTRAL_COLUMNS
 COLUMN_NAMES = tuple(c.name for c in COMPARE_COLUMNS)
+
+_F64_LIST = pa.list_(_F64)
+
+#: `weightdiff spectrum` report: one row per 2-D tensor of one checkpoint (tuned_* and drift columns are null
+#: unless a second checkpoint was given).
+SPECTRUM_COLUMNS: tuple[Column, ...] = (
+    Column("name", _STR, "tensor name"),
+    Column("layer", _I64, "block index parsed from the name; null outside blocks", True),
+    Column("expert", _I64, "mixture-of-experts expert index; null for other tensors", True),
+    Column("module", _STR, "name without layer prefix, expert index and parameter suffix"),
+    Column("shape", pa.list_(_I64), "tensor shape"),
+    Column("dtype", _STR, "stored dtype"),
+    Column("rank_k", _I64, "number of singular values in singular_values (min(--rank, m, n), all with --full)"),
+    Column("spectral_norm", _F64, "largest singular value sigma_1"),
+    Column("frobenius_norm", _F64, "Frobenius norm (float64)"),
+    Column("stable_rank", _F64, "frobenius_norm^2 / spectral_norm^2 (null for a zero matrix)", True),
+    Column("effective_rank", _F64, "exp(entropy of sigma_i / sum sigma), Roy & Vetterli, full spectrum", True),
+    Column("topk_energy_share", _F64, "sum of the top-k sigma^2 over frobenius_norm^2", True),
+    Column("singular_values", _F64_LIST, "singular values, descending (top k, or all with --full)"),
+    Column("tuned_spectral_norm", _F64, "sigma_1 of the tuned tensor (two checkpoints only)", True),
+    Column("tuned_stable_rank", _F64, "stable rank of the tuned tensor (two checkpoints only)", True),
+    Column("tuned_effective_rank", _F64, "effective rank of the tuned tensor (two checkpoints only)", True),
+    Column("tuned_singular_values", _F64_LIST, "singular values of the tuned tensor (two checkpoints only)", True),
+    Column("sv_rel_drift", _F64_LIST, "per index (S+[i] - S0[i]) / S0[i] over the listed values (two checkpoints only)", True),
+    Column("sv_drift", _F64, "|S+ - S0| / |S0| over the full spectrum (two checkpoints only)", True),
+)
+
+# `weightdiff consistency` (metrics.md section 3): one row per tensor present with one shape in the base and in
+# every run. M_r is run r's bf16 update mask; "pairs" are the unordered pairs r < s of runs.
+_CONSISTENCY_IDENTITY = tuple(
+    c for c in IDENTITY_COLUMNS if c.name in ("name", "layer", "expert", "module", "shape")
+)
+CONSISTENCY_COLUMNS: tuple[Column, ...] = (
+    *_CONSISTENCY_IDENTITY,
+    Column("numel", _I64, "number of elements N"),
+    Column("runs", _I64, "R: number of fine-tuned runs compared with the base"),
+    Column(
+        "changed",
+        pa.list_(_I64),
+        "per run, in command-line order: elements that differ from the base after rounding both to bfloat16",
+    ),
+    Column("density", pa.list_(_F64), "per run: changed / numel (items null for empty tensors)"),
+    Column(
+        "jaccard_mean",
+        _F64,
+        "mean over pairs r < s of |M_r and M_s| / |M_r or M_s|; pairs with an empty union are left out "
+        "(null when every pair's union is empty)",
+        True,
+    ),
+    Column(
+        "jaccard_random",
+        _F64,
+        "mean over the same pairs of p q / (p + q - p q), p and q the two densities: "
+        "the expected Jaccard of independent masks",
+        True,
+    ),
+    Column("jaccard_ratio", _F64, "jaccard_mean / jaccard_random (null when the baseline is 0)", True),
+    Column(
+        "overlap_mean",
+        _F64,
+        "mean over ordered pairs r != s with non-empty M_r of |M_r and M_s| / |M_r| (one-sided overlap)",
+        True,
+    ),
+    Column("overlap_random", _F64, "mean over the same ordered pairs of M_s's density", True),
+    Column("consensus_mean", _F64, "mean of C = (1/R) sum_r M_r (null for empty tensors)", True),
+    Column("unanimous", _I64, "elements changed by every run"),
+    Column("unanimous_fraction", _F64, "unanimous / numel (null for empty tensors)", True),
+)
+CONSISTENCY_COLUMN_NAMES = tuple(c.name for c in CONSISTENCY_COLUMNS)
+
+# `weightdiff consistency --stripes`: row and column means of each tensor's consensus map C, long format.
+STRIPES_COLUMNS: tuple[Column, ...] = (
+    Column("name", _STR, "tensor name"),
+    Column("axis", _STR, "row (mean over a row of C; for 1-D tensors C itself) or col (mean over a column)"),
+    Column("index", _I64, "row or column index"),
+    Column("fraction", _F64, "mean of C over that row or column: the share of (run, element) pairs changed"),
+)
 
 
 def arrow_schema(

@@ -172,3 +172,73 @@ def render_summary(
         parts.append(hm)
     parts.append(_top_table(S.top_changed(rows, top), spectral))
     console.print(Group(*parts))
+
+
+_SPARK = "▁▂▃▄▅▆▇█"
+
+
+def sparkline(values: Sequence[float], width: int = 24) -> str:
+    """A log-scale sparkline of a descending spectrum, sampled at ``width`` evenly spaced indices."""
+    import math
+
+    vals = [v for v in values if v > 0]
+    if not vals:
+        return ""
+    idx = [round(i * (len(vals) - 1) / max(1, width - 1)) for i in range(min(width, len(vals)))]
+    logs = [math.log10(vals[i]) for i in idx]
+    lo, hi = min(logs), max(logs)
+    span = hi - lo or 1.0
+    return "".join(_SPARK[min(len(_SPARK) - 1, int((v - lo) / span * (len(_SPARK) - 1) + 0.5))] for v in logs)
+
+
+def render_spectrum(rows: Sequence[dict[str, Any]], console: Console, title: str) -> None:
+    """Per-module table of typical spectral figures with a sparkline of the module's median spectrum."""
+    import statistics
+
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for r in rows:
+        groups.setdefault(r["module"], []).append(r)
+    two = any(r.get("sv_drift") is not None for r in rows)
+    t = Table(
+        title=f"Spectra of {title} (medians per module; sparkline: log sigma_i, normalised)",
+        title_justify="left",
+        header_style="bold",
+    )
+    for col in ("module", "tensors", "sigma_1", "stable rank", "effective rank", "top-k energy"):
+        t.add_column(col, justify="left" if col == "module" else "right")
+    if two:
+        t.add_column("sv drift", justify="right")
+    t.add_column("spectrum")
+
+    def med(g: list[dict[str, Any]], key: str) -> float | None:
+        vals = [float(r[key]) for r in g if r.get(key) is not None]
+        return statistics.median(vals) if vals else None
+
+    for module in sorted(groups, key=lambda m: m):
+        g = groups[module]
+        n = min(len(r["singular_values"]) for r in g)
+        typical = (
+            [
+                statistics.median(
+                    r["singular_values"][i] / r["singular_values"][0]
+                    for r in g
+                    if r["singular_values"][0] > 0
+                )
+                for i in range(n)
+            ]
+            if n
+            else []
+        )
+        cells = [
+            module,
+            str(len(g)),
+            _num(med(g, "spectral_norm")),
+            _num(med(g, "stable_rank")),
+            _num(med(g, "effective_rank")),
+            _pct(med(g, "topk_energy_share"), 1),
+        ]
+        if two:
+            cells.append(_num(med(g, "sv_drift")))
+        cells.append(sparkline(typical))
+        t.add_row(*cells)
+    console.print(t)

@@ -176,3 +176,17 @@ def test_config_json_is_read_when_present(tmp_path):
     write_checkpoint(tmp_path / "model.safetensors", {"w": torch.zeros(2)})
     (tmp_path / "config.json").write_text(json.dumps({"tie_word_embeddings": True}))
     assert LocalSource(tmp_path).config() == {"tie_word_embeddings": True}
+
+
+def test_index_shards_may_be_symlinks_like_the_hf_cache(tmp_path):
+    # The Hugging Face cache keeps shards in blobs/ and links them from snapshots/<sha>/.
+    blobs = tmp_path / "blobs"
+    snap = tmp_path / "snapshots" / "abc"
+    snap.mkdir(parents=True)
+    write_checkpoint(blobs / "1234", {"w": torch.ones(2)})
+    (snap / "model-00001-of-00001.safetensors").symlink_to(blobs / "1234")
+    (snap / "model.safetensors.index.json").write_text(
+        json.dumps({"weight_map": {"w": "model-00001-of-00001.safetensors"}})
+    )
+    src = LocalSource(snap)
+    assert torch.equal(src.read(src.tensors()["w"]), torch.ones(2))

@@ -13,7 +13,9 @@ Solvers:
   Ritz values and the subspace stop moving, finished by a float64 Rayleigh-Ritz step. The tuned matrix starts
   from the base's converged subspace, which it is close to, so it needs few iterations. Only the top k values
   are known, so ``sv_drift`` (full spectrum) is null.
-- ``auto``: exact on GPUs and for small matrices, fast otherwise.
+- ``gram``: float64 eigendecomposition of the Gram matrix of the smaller side (see ``topk_svd_gram``); full
+  spectrum, exact to float64 rounding for the leading triplets, and much faster than an SVD on GPUs.
+- ``auto``: gram on GPUs; on CPUs exact for matrices whose smaller side is at most 1024, fast otherwise.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ import torch
 from weightdiff.metrics.elementwise import round_to_bf16
 
 #: Matrices whose smaller side is at most this use the exact solver under ``auto`` on the CPU.
-AUTO_EXACT_MAX_DIM = 768
+AUTO_EXACT_MAX_DIM = 1024
 
 
 @dataclass(frozen=True)
@@ -41,7 +43,7 @@ class SpectralOptions:
     #: ``angle_tol`` radians between iterations.
     tol: float = 1e-9
     angle_tol: float = 1e-7
-    max_iter: int = 200
+    max_iter: int = 60
     seed: int = 0
 
 
@@ -82,6 +84,33 @@ def principal_angles(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
 def topk_svd_exact(W: torch.Tensor, k: int) -> TopK:
     U, S, Vh = torch.linalg.svd(W.to(torch.float64), full_matrices=False)
     return TopK(U[:, :k], S[:k], Vh[:k].T, S)
+
+
+def topk_svd_gram(W: torch.Tensor, k: int) -> TopK:
+    """Singular triplets from a float64 symmetric eigendecomposition of the Gram matrix of the smaller side.
+
+    On GPUs this is several times faster than a float64 SVD and exact to float64 rounding for the leading
+    triplets: the eigenvector error is about eps * sigma_1^2 / (sigma_k^2 - sigma_k+1^2), far below the angles
+    reported. The full spectrum comes with it (small singular values carry an absolute error of about
+    sqrt(eps) * sigma_1, negligible in ``sv_drift``).
+    """
+    W64 = W.to(torch.float64)
+    m, n = W64.shape
+    left = m < n
+    gram = W64 @ W64.T if left else W64.T @ W64
+    evals, evecs = torch.linalg.eigh(gram)
+    evals, evecs = evals.flip(0).clamp(min=0), evecs.flip(1)
+    s = evals.sqrt()
+    top = evecs[:, :k]
+    sk = s[:k]
+    safe = torch.where(sk > 0, sk, torch.ones_like(sk))
+    other = (W64.T @ top if left else W64 @ top) / safe
+    # Re-orthonormalise the derived side (where sigma is tiny the division loses accuracy), keeping each
+    # column's sign so that U diag(S) V^T still reconstructs W.
+    q, r = torch.linalg.qr(other, mode="reduced")
+    other = q * torch.where(r.diagonal() < 0, -1.0, 1.0).to(q.dtype)
+    U, V = (top, other) if left else (other, top)
+    return TopK(U, sk, V, s)
 
 
 def _orth(Y: torch.Tensor) -> torch.Tensor:
@@ -148,7 +177,9 @@ def _spectral_norm(D: torch.Tensor, opts: SpectralOptions, exact: bool) -> float
 def choose_solver(opts: SpectralOptions, shape: tuple[int, int], device: torch.device) -> str:
     if opts.solver != "auto":
         return opts.solver
-    if device.type == "cuda" or min(shape) <= AUTO_EXACT_MAX_DIM:
+    if device.type == "cuda":
+        return "gram"
+    if min(shape) <= AUTO_EXACT_MAX_DIM:
         return "exact"
     return "fast"
 
@@ -170,6 +201,8 @@ def spectral_metrics(base: torch.Tensor, tuned: torch.Tensor, opts: SpectralOpti
     need = max(k, r)
     if solver == "exact":
         t0, t1 = topk_svd_exact(W0, need), topk_svd_exact(W1, need)
+    elif solver == "gram":
+        t0, t1 = topk_svd_gram(W0, need), topk_svd_gram(W1, need)
     else:
         t0 = topk_svd_fast(W0, need, opts)
         t1 = topk_svd_fast(W1, need, opts, start=t0.V)
@@ -213,7 +246,7 @@ def spectral_metrics(base: torch.Tensor, tuned: torch.Tensor, opts: SpectralOpti
     if d2 > 0:
         block = U0.T @ D @ V0
         cols["principal_energy"] = float(torch.dot(block.reshape(-1), block.reshape(-1))) / d2
-        s1 = _spectral_norm(D, opts, exact=solver == "exact")
+        s1 = _spectral_norm(D, opts, exact=solver != "fast")
         cols["delta_stable_rank"] = d2 / (s1 * s1) if s1 > 0 else None
     else:
         cols["principal_energy"] = None
@@ -255,3 +288,33 @@ def spectra_table(entries: list[dict[str, Any]], metadata: dict[str, Any]) -> pa
                 value.append(float(v))
     schema = pa.schema(SPECTRA_SCHEMA_FIELDS, metadata=encode_metadata(metadata))
     return pa.table({"name": names, "series": series, "index": index, "value": value}, schema=schema)
+
+
+def matrix_spectrum(W: torch.Tensor, k: int, full: bool) -> dict[str, Any]:
+    """Single-matrix spectral summary for ``weightdiff spectrum`` (float64 throughout).
+
+    All singular values come from the eigenvalues of the float64 Gram matrix of the smaller side: much cheaper
+    than an SVD, exact to float64 rounding relative to sigma_1^2, which is ample for the top values, the norms
+    and the entropy-based effective rank. Returns the top ``k`` values (all with ``full``).
+    """
+    W64 = W.to(torch.float64)
+    m, n = W64.shape
+    gram = W64.T @ W64 if n <= m else W64 @ W64.T
+    eig = torch.linalg.eigvalsh(gram).flip(0).clamp(min=0)
+    s = eig.sqrt()
+    fro2 = float(torch.dot(W64.reshape(-1), W64.reshape(-1)))
+    spec = float(s[0]) if s.numel() else 0.0
+    kk = min(k, s.numel())
+    p = s / s.sum() if float(s.sum()) > 0 else s
+    nz = p[p > 0]
+    entropy = float(-(nz * nz.log()).sum()) if nz.numel() else 0.0
+    return {
+        "rank_k": kk,
+        "spectral_norm": spec,
+        "frobenius_norm": math.sqrt(fro2),
+        "stable_rank": fro2 / (spec * spec) if spec > 0 else None,
+        "effective_rank": math.exp(entropy) if nz.numel() else None,
+        "topk_energy_share": float((eig[:kk]).sum()) / fro2 if fro2 > 0 else None,
+        "singular_values": (s if full else s[:kk]).tolist(),
+        "_all": s,
+    }

@@ -56,12 +56,15 @@ def _shard_files_from_index(directory: Path, index_path: Path) -> tuple[list[Pat
         raise CheckpointFormatError(
             f"{index_path}: invalid index file (no 'weight_map' of tensor name -> shard)"
         )
-    root = directory.resolve()
+    root = Path(os.path.normpath(directory.absolute()))
     shards: list[Path] = []
     for shard in sorted(set(weight_map.values())):
         candidate = Path(shard)
-        resolved = (directory / candidate).resolve()
-        if candidate.is_absolute() or ".." in candidate.parts or root not in resolved.parents:
+        # Checked on the path as written, not with symlinks resolved: the Hugging Face cache stores shards as
+        # links into a sibling blobs/ folder, which is fine; what is refused is a name that climbs out.
+        lexical = Path(os.path.normpath(root / candidate))
+        resolved = directory / candidate
+        if candidate.is_absolute() or ".." in candidate.parts or root not in lexical.parents:
             raise CheckpointFormatError(
                 f"{index_path}: shard {shard!r} lies outside the checkpoint directory; refusing to read it"
             )
