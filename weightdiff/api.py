@@ -16,7 +16,9 @@ import pyarrow as pa
 from weightdiff import schema
 from weightdiff.engine import EngineOptions, Timings, compare_pairs
 from weightdiff.errors import NothingComparableError
-from weightdiff.pairing import Pair, Plan, make_plan
+from weightdiff.matching import RenameRule, parse_renames
+from weightdiff.pairing import Pair, Plan
+from weightdiff.realworld import add_columns, open_tuned, plan_for
 from weightdiff.sources import open_source
 from weightdiff.sources.base import Source
 from weightdiff.summary import summary_dict
@@ -72,6 +74,7 @@ def compare(
     output: str | None = None,
     include: Sequence[str] = (),
     exclude: Sequence[str] = (),
+    renames: Sequence[str] = (),
     atol: float = 1e-5,
     device: str = "auto",
     spectral: bool = True,
@@ -84,7 +87,7 @@ def compare(
     tuned_revision: str | None = None,
     token: str | None = None,
     download: bool = False,
-    prefetch_bytes: int = 1 << 30,
+    prefetch_bytes: int = 256 << 20,
     on_plan: Callable[[Plan, Source, Source], None] | None = None,
     on_progress: Callable[[Pair], None] | None = None,
 ) -> Report:
@@ -92,7 +95,8 @@ def compare(
 
     ``base`` and ``tuned`` are local paths, Hub repo ids, or already opened ``Source`` objects. Raises
     ``NothingComparableError`` when no tensor pair can be compared, other ``WeightdiffError`` subclasses for bad
-    input; on any error no file is left at ``output``.
+    input; on any error no file is left at ``output``. ``tuned`` may be a LoRA adapter directory (merged onto
+    ``base``); ``renames`` are ``REGEX=REPLACEMENT`` rules for tuned-side names (docs/real-world-checkpoints.md).
     """
     options = EngineOptions(
         atol=atol,
@@ -106,6 +110,7 @@ def compare(
         keep_spectra=spectra_output is not None,
     )
     _validate(options)
+    rules = parse_renames(renames)
     if output is not None:
         check_output_path(output)
     if spectra_output is not None:
@@ -113,14 +118,25 @@ def compare(
     base_src = base if isinstance(base, Source) else open_source(base, base_revision, token, download)
     try:
         tuned_src = (
-            tuned if isinstance(tuned, Source) else open_source(tuned, tuned_revision, token, download)
+            tuned
+            if isinstance(tuned, Source)
+            else open_tuned(tuned, base_src, tuned_revision, token, download)
         )
     except BaseException:
         base_src.close()
         raise
     try:
         return _run(
-            base_src, tuned_src, options, include, exclude, output, spectra_output, on_plan, on_progress
+            base_src,
+            tuned_src,
+            options,
+            include,
+            exclude,
+            output,
+            spectra_output,
+            on_plan,
+            on_progress,
+            rules,
         )
     finally:
         base_src.close()
@@ -152,10 +168,15 @@ def _run(
     spectra_output: str | None,
     on_plan: Callable[[Plan, Source, Source], None] | None,
     on_progress: Callable[[Pair], None] | None,
+    rules: Sequence[RenameRule] = (),
 ) -> Report:
-    plan = make_plan(base.tensors(), tuned.tensors(), include, exclude)
+    plan = plan_for(base, tuned, include, exclude, rules)
     metadata = build_metadata(
-        base, tuned, plan, options, {"include": list(include), "exclude": list(exclude)}
+        base,
+        tuned,
+        plan,
+        options,
+        {"include": list(include), "exclude": list(exclude), "rename": [r.text for r in rules]},
     )
     if on_plan is not None:
         on_plan(plan, base, tuned)
@@ -170,7 +191,8 @@ def _run(
     timings = Timings()
     spectra: list[dict[str, Any]] = []
     try:
-        for row in compare_pairs(base, tuned, plan, options, on_progress, timings, spectra):
+        pair_rows = compare_pairs(base, tuned, plan, options, on_progress, timings, spectra)
+        for row in add_columns(pair_rows, base, tuned, plan):
             rows.append(row)
             if writer is not None:
                 writer.write(row)

@@ -155,7 +155,12 @@ def compare(
     base: Annotated[
         str, typer.Argument(help="Base checkpoint: a .safetensors file, a directory, or a Hub repo id.")
     ],
-    tuned: Annotated[str, typer.Argument(help="Fine-tuned checkpoint, same forms as BASE.")],
+    tuned: Annotated[
+        str,
+        typer.Argument(
+            help="Fine-tuned checkpoint, same forms as BASE, or a LoRA adapter directory of BASE."
+        ),
+    ],
     output: Annotated[
         str | None, typer.Option("--output", "-o", help="Write the per-tensor report to this Parquet file.")
     ] = None,
@@ -164,6 +169,14 @@ def compare(
     ] = None,
     include: IncludeOpt = None,
     exclude: ExcludeOpt = None,
+    rename: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--rename",
+            metavar="REGEX=REPLACEMENT",
+            help="Rename tuned-side tensors before pairing (Python re.sub syntax; repeatable, applied in order).",
+        ),
+    ] = None,
     atol: Annotated[float, typer.Option("--atol", help="Absolute tolerance for changed_atol.")] = 1e-5,
     device: DeviceOpt = "auto",
     no_spectral: Annotated[
@@ -248,6 +261,7 @@ def compare(
             output=output,
             include=include or (),
             exclude=exclude or (),
+            renames=rename or (),
             atol=atol,
             device=str(dev),
             spectral=not no_spectral,
@@ -460,6 +474,75 @@ def spectrum(
     terminal.render_spectrum(report.rows, _stdout(), title)
     if output is not None and not quiet:
         _stderr().print(f"Wrote {len(report.rows)} rows to {output}")
+
+
+@app.command()
+def plot(
+    report: Annotated[
+        str,
+        typer.Argument(
+            help="A Parquet file written by weightdiff: compare, consistency or spectrum report, "
+            "or a --spectra / --stripes file."
+        ),
+    ],
+    output: Annotated[
+        str, typer.Option("--output", "-o", metavar="FILE", help="Image to write: .png, .svg or .pdf.")
+    ],
+    kind: Annotated[
+        str,
+        typer.Option(
+            "--kind",
+            help="heatmap (layer x module grid), layers (per-layer curves), spectra or stripes; "
+            "auto: the view a spectra or stripes file calls for, else heatmap.",
+        ),
+    ] = "auto",
+    column: Annotated[
+        str | None,
+        typer.Option(
+            "--column",
+            help="Report column for the heatmap (default sparsity_bf16), or the only column of --kind layers.",
+        ),
+    ] = None,
+    spectra: Annotated[
+        str | None,
+        typer.Option(
+            "--spectra", metavar="FILE", help="The file from weightdiff compare --spectra (--kind spectra)."
+        ),
+    ] = None,
+    stripes: Annotated[
+        str | None,
+        typer.Option(
+            "--stripes",
+            metavar="FILE",
+            help="The file from weightdiff consistency --stripes (--kind stripes).",
+        ),
+    ] = None,
+    tensor: Annotated[
+        list[str] | None,
+        typer.Option("--tensor", metavar="NAME", help="Tensor to show in spectra or stripes (repeatable)."),
+    ] = None,
+    top: Annotated[
+        int, typer.Option("--top", help="Without --tensor: how many of the most-changed tensors to show.")
+    ] = 4,
+    dpi: Annotated[int, typer.Option("--dpi", help="Resolution of PNG output, in dots per inch.")] = 150,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Do not print the path written.")] = False,
+) -> None:
+    """Draw a saved report as an image: layer x module heatmap, per-layer curves, spectra or stripes."""
+    from weightdiff.plot import plot as draw
+
+    path = draw(
+        report,
+        output,
+        kind=kind,
+        column=column,
+        spectra=spectra,
+        stripes=stripes,
+        tensors=tensor or (),
+        top=top,
+        dpi=dpi,
+    )
+    if not quiet:
+        _stderr().print(f"Wrote {path}")
 
 
 def main() -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
+from typing import Any
 
 from weightdiff.naming import natural_key
 from weightdiff.sources.format import FLOAT_DTYPES, TensorInfo
@@ -39,6 +40,14 @@ class Plan:
     dtype_mismatch: list[tuple[str, str, str]] = field(default_factory=list)
     not_float: list[str] = field(default_factory=list)
     excluded: int = 0
+    # Filled by weightdiff.matching for real-world checkpoint pairs (empty from make_plan alone):
+    # tuned names paired under another base name ({base, tuned, by}), tied output heads, vocabulary resizes
+    # compared on their shared rows, FP8 scale tensors folded into their weights, and free-text remarks.
+    renamed: list[dict[str, str]] = field(default_factory=list)
+    tied: list[dict[str, Any]] = field(default_factory=list)
+    resized: list[dict[str, Any]] = field(default_factory=list)
+    consumed_scales: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
 
     @property
     def total_bytes(self) -> int:
@@ -56,6 +65,11 @@ class Plan:
             ],
             "dtype_mismatch": [{"name": n, "base": a, "tuned": b} for n, a, b in self.dtype_mismatch],
             "not_float": self.not_float,
+            "renamed": self.renamed,
+            "tied": self.tied,
+            "resized": self.resized,
+            "consumed_scales": self.consumed_scales,
+            "notes": self.notes,
         }
 
 

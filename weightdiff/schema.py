@@ -157,7 +157,39 @@ SPECTRAL_COLUMNS = (
     ),
 )
 
-COMPARE_COLUMNS: tuple[Column, ...] = IDENTITY_COLUMNS + ELEMENTWISE_COLUMNS + SPECTRAL_COLUMNS
+# Real-world checkpoint pairs (docs/real-world-checkpoints.md): resized vocabularies and FP8 storage.
+REALWORLD_COLUMNS = (
+    Column(
+        "rows_compared",
+        _I64,
+        "resized vocabulary (embedding or output head): the leading rows both sides have, which every other "
+        "column describes; null for tensors that were not resized",
+        True,
+    ),
+    Column(
+        "rows_added",
+        _I64,
+        "rows the tuned tensor has beyond the base's (negative: fewer); null for tensors that were not resized",
+        True,
+    ),
+    Column(
+        "added_rows_fro",
+        _F64,
+        "Frobenius norm (float64, finite entries) of the rows only one side has; null unless resized",
+        True,
+    ),
+    Column(
+        "changed_stored",
+        _I64,
+        "elements whose stored bit patterns differ, for FP8 tensors stored in one dtype on both sides (the fp8 "
+        "codes before block scaling); null for other tensors",
+        True,
+    ),
+)
+
+COMPARE_COLUMNS: tuple[Column, ...] = (
+    IDENTITY_COLUMNS + ELEMENTWISE_COLUMNS + SPECTRAL_COLUMNS + REALWORLD_COLUMNS
+)
 COLUMN_NAMES = tuple(c.name for c in COMPARE_COLUMNS)
 
 _F64_LIST = pa.list_(_F64)

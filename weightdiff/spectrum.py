@@ -122,7 +122,7 @@ def _run(
     arrow_schema = schema.arrow_schema(schema.SPECTRUM_COLUMNS, metadata)
     writer = ParquetReportWriter(output, arrow_schema) if output is not None else None
     rows: list[dict[str, Any]] = []
-    reader = Reader(jobs, 1 << 30, pin=device.type == "cuda")
+    reader = Reader(jobs, 1 << 30, pin=False)
     try:
         for job, tensors in reader:
             info = job.key

@@ -53,6 +53,10 @@ def render_plan(plan: Plan, console: Console, base: str, tuned: str) -> None:
         console.print(
             f"  {len(plan.dtype_mismatch)} dtype mismatches, compared after exact upcasting: {shown}{more}"
         )
+    from weightdiff.matching import plan_lines
+
+    for line in plan_lines(plan):
+        console.print(f"  {line}", markup=False, highlight=False)
 
 
 def _overall_panel(ov: dict[str, Any], base: str, tuned: str) -> Panel:
@@ -113,9 +117,9 @@ def _heatmap(hm: dict[str, Any]) -> Table | None:
         " (█ = most changed, blank = unchanged)" if sparsity else f" (█ = highest; range {lo:.3g}..{hi:.3g})"
     )
     t = Table(title=title, title_justify="left", header_style="bold", show_edge=False, pad_edge=False)
-    t.add_column("layer", justify="right")
+    t.add_column("layer", justify="right", no_wrap=True)
     for m in hm["modules"]:
-        t.add_column(m.split(".")[-1], justify="center")
+        t.add_column(m.split(".")[-1], justify="right", no_wrap=True, overflow="crop")
     for layer, line in zip(hm["layers"], hm["values"], strict=False):
         cells = []
         for v in line:
@@ -125,7 +129,7 @@ def _heatmap(hm: dict[str, Any]) -> Table | None:
             # For sparsities 1.0 (nothing changed) is blank and fully changed a full block.
             frac = 1 - v if sparsity else (v - lo) / (hi - lo) if hi > lo else 0.0
             idx = min(len(_SHADES) - 1, int((1 - frac) * (len(_SHADES) - 1) + 0.5))
-            cell = f"{_SHADES[idx] * 2} {100 * v:5.1f}" if sparsity else f"{_SHADES[idx] * 2} {v:7.3g}"
+            cell = f"{_SHADES[idx]}{100 * v:5.1f}" if sparsity else f"{_SHADES[idx]}{v:.3g}"
             cells.append(Text(cell))
         t.add_row(str(layer), *cells)
     return t

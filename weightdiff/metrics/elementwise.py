@@ -263,6 +263,9 @@ def elementwise_metrics(
     x_all, y_all = base.reshape(-1), tuned.reshape(-1)
     if use_kernel and x_all.device.type == "cpu" and _kernels is not None:
         return _elementwise_kernel(x_all, y_all, atol)
+    if x_all.device.type != "cpu":
+        # On a GPU the passes are cheap and each host sync is not: few, large chunks.
+        chunk = max(chunk, 1 << 26)
     acc = ElementwiseAccumulator(atol=atol)
     for start in range(0, x_all.numel(), chunk):
         x = x_all[start : start + chunk].to(dtype)

@@ -246,7 +246,7 @@ def spectral_metrics(base: torch.Tensor, tuned: torch.Tensor, opts: SpectralOpti
     if d2 > 0:
         block = U0.T @ D @ V0
         cols["principal_energy"] = float(torch.dot(block.reshape(-1), block.reshape(-1))) / d2
-        s1 = _spectral_norm(D, opts, exact=solver != "fast")
+        s1 = _spectral_norm(D, opts, exact=solver == "exact")
         cols["delta_stable_rank"] = d2 / (s1 * s1) if s1 > 0 else None
     else:
         cols["principal_energy"] = None
