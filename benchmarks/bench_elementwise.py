@@ -73,15 +73,28 @@ def main() -> None:
         # In a child process: a parent that held the generated tensors would hand its resident size down to
         # every child it forks, and ru_maxrss would then report the parent's size for all contenders.
         synth = Path(__file__).with_name("synth.py")
-        subprocess.run([sys.executable, str(synth), str(args.dir), "--size-gb", str(args.size_gb)], check=True)
+        subprocess.run(
+            [sys.executable, str(synth), str(args.dir), "--size-gb", str(args.size_gb)], check=True
+        )
     size = sum((p / "model.safetensors").stat().st_size for p in (base, tuned)) / 1e9
     report = args.dir / "report.parquet"
     contenders = {
         "read": [sys.executable, "-c", READ, str(base), str(tuned)],
         "naive": [sys.executable, "-c", NAIVE, str(base), str(tuned)],
         "weightdiff": [
-            sys.executable, "-m", "weightdiff", "compare", str(base), str(tuned), "--no-spectral", "-q",
-            "-o", str(report), "--device", args.device, "--verbose",
+            sys.executable,
+            "-m",
+            "weightdiff",
+            "compare",
+            str(base),
+            str(tuned),
+            "--no-spectral",
+            "-q",
+            "-o",
+            str(report),
+            "--device",
+            args.device,
+            "--verbose",
         ],
     }
     run(contenders["read"])  # warm the page cache
@@ -91,17 +104,29 @@ def main() -> None:
             r = run(cmd)
             if name not in best or r["wall_s"] < best[name]["wall_s"]:
                 best[name] = r
-    info = {"machine": f"{platform.node()} {os.cpu_count()} cpus", "python": platform.python_version(),
-            "pair_gb": round(size, 3), "repeat": args.repeat}
+    info = {
+        "machine": f"{platform.node()} {os.cpu_count()} cpus",
+        "python": platform.python_version(),
+        "pair_gb": round(size, 3),
+        "repeat": args.repeat,
+    }
     print(json.dumps(info))
     for name, r in best.items():
-        print(json.dumps({"contender": name, **{k: round(v, 3) if isinstance(v, float) else v for k, v in r.items()}}))
+        print(
+            json.dumps(
+                {"contender": name, **{k: round(v, 3) if isinstance(v, float) else v for k, v in r.items()}}
+            )
+        )
     w, n, rd = best["weightdiff"], best["naive"], best["read"]
-    print(json.dumps({
-        "weightdiff_vs_naive_wall": round(w["wall_s"] / n["wall_s"], 3),
-        "weightdiff_vs_read_wall": round(w["wall_s"] / rd["wall_s"], 3),
-        "weightdiff_vs_naive_peak_rss": round(w["peak_rss_mb"] / n["peak_rss_mb"], 3),
-    }))
+    print(
+        json.dumps(
+            {
+                "weightdiff_vs_naive_wall": round(w["wall_s"] / n["wall_s"], 3),
+                "weightdiff_vs_read_wall": round(w["wall_s"] / rd["wall_s"], 3),
+                "weightdiff_vs_naive_peak_rss": round(w["peak_rss_mb"] / n["peak_rss_mb"], 3),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -18,11 +18,11 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from synth import write_pair  # noqa: E402
+from synth import write_pair
 
-from weightdiff import compare  # noqa: E402
-from weightdiff.metrics.elementwise import elementwise_metrics  # noqa: E402
-from weightdiff.metrics.spectral import SpectralOptions, spectral_metrics  # noqa: E402
+from weightdiff import compare
+from weightdiff.metrics.elementwise import elementwise_metrics
+from weightdiff.metrics.spectral import SpectralOptions, spectral_metrics
 
 RESULTS: list[dict] = []
 
@@ -50,10 +50,16 @@ def agreement(device: str) -> None:
         x, y = a.to(dtype), b.to(dtype)
         cpu = elementwise_metrics(x, y, use_kernel=False)
         gpu = elementwise_metrics(x.to(device), y.to(device))
-        same = all(cpu[k] == gpu[k] for k in ("changed_exact", "changed_bf16", "changed_atol", "ulp_hist", "nonfinite_base"))
+        same = all(
+            cpu[k] == gpu[k]
+            for k in ("changed_exact", "changed_bf16", "changed_atol", "ulp_hist", "nonfinite_base")
+        )
         rel = max(abs(cpu[k] - gpu[k]) / abs(cpu[k]) for k in ("delta_fro", "base_fro", "cosine"))
         emit(check="elementwise_cpu_vs_gpu", dtype=str(dtype), counts_identical=same, max_rel_norm_diff=rel)
-    W0 = (torch.randn(1024, 768, generator=g, dtype=torch.float64) * torch.logspace(0, -1, 768, dtype=torch.float64)).float()
+    W0 = (
+        torch.randn(1024, 768, generator=g, dtype=torch.float64)
+        * torch.logspace(0, -1, 768, dtype=torch.float64)
+    ).float()
     W1 = W0 + 1e-4 * torch.randn(W0.shape, generator=g)
     ref = spectral_metrics(W0.double(), W1.double(), SpectralOptions(solver="exact")).columns
     for solver in ("gram", "exact"):
@@ -61,17 +67,30 @@ def agreement(device: str) -> None:
         t = time.perf_counter()
         got = spectral_metrics(W0.to(device), W1.to(device), SpectralOptions(solver=solver)).columns
         sync()
-        errs = {c: abs(got[c] - ref[c]) for c in ("angle_u_max_deg", "angle_v_max_deg", "angle_u_mean_deg", "principal_overlap")}
-        emit(check="spectral_gpu_vs_cpu_float64", solver=solver, seconds=time.perf_counter() - t, abs_err=errs,
-             sv_drift_rel_err=abs(got["sv_drift"] - ref["sv_drift"]) / ref["sv_drift"])
+        errs = {
+            c: abs(got[c] - ref[c])
+            for c in ("angle_u_max_deg", "angle_v_max_deg", "angle_u_mean_deg", "principal_overlap")
+        }
+        emit(
+            check="spectral_gpu_vs_cpu_float64",
+            solver=solver,
+            seconds=time.perf_counter() - t,
+            abs_err=errs,
+            sv_drift_rel_err=abs(got["sv_drift"] - ref["sv_drift"]) / ref["sv_drift"],
+        )
 
 
 def timed_compare(base: Path, tuned: Path, device: str, spectral: bool) -> dict:
     sync()
     t = time.perf_counter()
     stamps: list[tuple[str, float]] = []
-    report = compare(str(base), str(tuned), device=device, spectral=spectral,
-                     on_progress=lambda pair: stamps.append((pair.name, time.perf_counter())))
+    report = compare(
+        str(base),
+        str(tuned),
+        device=device,
+        spectral=spectral,
+        on_progress=lambda pair: stamps.append((pair.name, time.perf_counter())),
+    )
     sync()
     wall = time.perf_counter() - t
     tm = report.timings
@@ -85,9 +104,17 @@ def timed_compare(base: Path, tuned: Path, device: str, spectral: bool) -> dict:
         else:
             outside += stamp - prev
         prev = stamp
-    return {"wall_s": wall, "read_wait_s": tm.read_wait, "reader_busy_s": tm.reader_busy, "transfer_s": tm.transfer,
-            "compute_s": tm.compute, "rows": report.table.num_rows, "layer_tensors_s": in_layers,
-            "other_tensors_s": outside, "per_tensor": report.rows}
+    return {
+        "wall_s": wall,
+        "read_wait_s": tm.read_wait,
+        "reader_busy_s": tm.reader_busy,
+        "transfer_s": tm.transfer,
+        "compute_s": tm.compute,
+        "rows": report.table.num_rows,
+        "layer_tensors_s": in_layers,
+        "other_tensors_s": outside,
+        "per_tensor": report.rows,
+    }
 
 
 def read_only(base: Path, tuned: Path, device: str | None = None) -> float:
@@ -97,7 +124,7 @@ def read_only(base: Path, tuned: Path, device: str | None = None) -> float:
     t = time.perf_counter()
     for p in (base, tuned):
         with safe_open(str(p / "model.safetensors"), framework="pt") as f:
-            for k in f.keys():
+            for k in f.keys():  # noqa: SIM118 - safe_open handles are not dicts
                 x = f.get_tensor(k)
                 if device is not None and device != "cpu":
                     x.to(device, non_blocking=False)
@@ -120,7 +147,13 @@ def main() -> None:
     t = time.perf_counter()
     base, tuned = write_pair(args.dir, preset=preset, layers=args.layers, device=device)
     size = (base / "model.safetensors").stat().st_size
-    emit(step="generate", preset=preset, layers=args.layers, bytes_per_checkpoint=size, seconds=time.perf_counter() - t)
+    emit(
+        step="generate",
+        preset=preset,
+        layers=args.layers,
+        bytes_per_checkpoint=size,
+        seconds=time.perf_counter() - t,
+    )
     read_only(base, tuned)  # warm the page cache
     emit(step="read_only", seconds=read_only(base, tuned))
     emit(step="read_and_copy_to_device", seconds=read_only(base, tuned, device))
@@ -130,7 +163,11 @@ def main() -> None:
     per = full.pop("per_tensor")
     emit(step="compare_all_metrics", **full)
     layer_names = [r["name"] for r in per if r["layer"] is not None]
-    emit(step="solvers_used", solvers=sorted({str(r["svd_solver"]) for r in per}), layer_tensors=len(layer_names))
+    emit(
+        step="solvers_used",
+        solvers=sorted({str(r["svd_solver"]) for r in per}),
+        layer_tensors=len(layer_names),
+    )
 
 
 if __name__ == "__main__":

@@ -22,7 +22,9 @@ SHAPES = {
 }
 
 
-def layer_shapes(hidden: int, inter: int, q_heads: int, kv_heads: int, head_dim: int) -> dict[str, tuple[int, ...]]:
+def layer_shapes(
+    hidden: int, inter: int, q_heads: int, kv_heads: int, head_dim: int
+) -> dict[str, tuple[int, ...]]:
     return {
         "self_attn.q_proj.weight": (q_heads * head_dim, hidden),
         "self_attn.k_proj.weight": (kv_heads * head_dim, hidden),
@@ -36,7 +38,9 @@ def layer_shapes(hidden: int, inter: int, q_heads: int, kv_heads: int, head_dim:
     }
 
 
-def _pair_tensor(shape: tuple[int, ...], g: torch.Generator, device: str) -> tuple[torch.Tensor, torch.Tensor]:
+def _pair_tensor(
+    shape: tuple[int, ...], g: torch.Generator, device: str
+) -> tuple[torch.Tensor, torch.Tensor]:
     base = (torch.randn(shape, generator=g, device=device) * 0.02).to(torch.bfloat16)
     mask = torch.rand(shape, generator=g, device=device) < 0.5
     # A relative nudge of 0.5-1.5%: one to two bf16 ULPs, the size of update that survives bf16 storage.
@@ -46,7 +50,11 @@ def _pair_tensor(shape: tuple[int, ...], g: torch.Generator, device: str) -> tup
 
 
 def write_pair(
-    out: Path, size_gb: float | None = None, preset: str = "small", layers: int | None = None, device: str = "cpu"
+    out: Path,
+    size_gb: float | None = None,
+    preset: str = "small",
+    layers: int | None = None,
+    device: str = "cpu",
 ) -> tuple[Path, Path]:
     """Write ``out/base`` and ``out/tuned``; the number of layers comes from ``layers`` or ``size_gb``."""
     hidden, inter, qh, kvh, hd, vocab = SHAPES[preset]

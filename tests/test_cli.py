@@ -260,3 +260,14 @@ def test_nan_weights_are_counted_not_errors(tmp_path):
     assert res.returncode == 0, res.stderr
     ov = json.loads(res.stdout)["overall"]
     assert ov["nonfinite_base"] == 1 and ov["nonfinite_tuned"] == 1 and ov["changed_exact"] == 2
+
+
+def test_max_memory_option(pair, tmp_path):
+    base, tuned = pair
+    out = tmp_path / "r.parquet"
+    res = run("compare", str(base), str(tuned), "--max-memory", "2KB", "-o", str(out))
+    assert res.returncode == 2 and "--max-memory 2.0 KiB is too small" in res.stderr and not out.exists()
+    res = run("compare", str(base), str(tuned), "--max-memory", "lots")
+    assert res.returncode == 2 and "'lots' is not a size" in res.stderr
+    res = run("compare", str(base), str(tuned), "--max-memory", "64MiB", "--no-spectral", "--json", "-")
+    assert res.returncode == 0 and json.loads(res.stdout)["overall"]["tensors"] == 18

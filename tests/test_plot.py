@@ -210,7 +210,7 @@ def _bad_inputs(reports: dict[str, Path], tmp: Path) -> list[tuple[list[str], st
     report = str(reports["report"])
     spectra = str(reports["spectra"])
     return [
-        ([str(tmp / "missing.parquet")], f"{tmp / 'missing.parquet'}: no such file"),
+        ([str(tmp / "missing.parquet")], f"{tmp / 'missing.parquet'}: no such report file"),
         ([str(tmp)], f"{tmp}: is a directory, not a Parquet report"),
         ([str(garbage)], f"{garbage}: not a Parquet report ("),
         ([str(plain)], f"{plain}: not a weightdiff report (the Parquet file has no weightdiff metadata)"),

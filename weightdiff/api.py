@@ -6,6 +6,7 @@ calls it and adds only presentation. It raises ``weightdiff.errors`` exceptions 
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -13,7 +14,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from weightdiff import schema
+from weightdiff import distributed, schema
 from weightdiff.engine import EngineOptions, Timings, compare_pairs
 from weightdiff.errors import NothingComparableError
 from weightdiff.matching import RenameRule, parse_renames
@@ -67,6 +68,7 @@ def build_metadata(
     }
 
 
+@distributed.collective
 def compare(
     base: str | Source,
     tuned: str | Source,
@@ -88,6 +90,7 @@ def compare(
     token: str | None = None,
     download: bool = False,
     prefetch_bytes: int = 256 << 20,
+    max_memory: int | None = None,
     on_plan: Callable[[Plan, Source, Source], None] | None = None,
     on_progress: Callable[[Pair], None] | None = None,
 ) -> Report:
@@ -108,12 +111,14 @@ def compare(
         svd=svd,
         prefetch_bytes=prefetch_bytes,
         keep_spectra=spectra_output is not None,
+        max_memory=max_memory,
     )
     _validate(options)
     rules = parse_renames(renames)
-    if output is not None:
+    # Under torchrun only rank 0 writes, so only its paths matter (distributed.py tells the others if bad).
+    if output is not None and distributed.is_leader():
         check_output_path(output)
-    if spectra_output is not None:
+    if spectra_output is not None and distributed.is_leader():
         check_output_path(spectra_output, "--spectra")
     base_src = base if isinstance(base, Source) else open_source(base, base_revision, token, download)
     try:
@@ -178,7 +183,19 @@ def _run(
         options,
         {"include": list(include), "exclude": list(exclude), "rename": [r.text for r in rules]},
     )
-    if on_plan is not None:
+    # Under torchrun (distributed.py) this rank computes its share of the pairs on its own device; rank 0 gets
+    # every rank's rows back in plan order and is the only one that prints and writes.
+    shard = distributed.current()
+    work, work_options = plan, options
+    if shard is not None:
+        mine = shard.select(
+            plan.pairs,
+            lambda p: distributed.pair_cost(p.base.shape, p.nbytes, options.spectral),
+            lambda p: p.name,
+        )
+        work = dataclasses.replace(plan, pairs=mine)
+        work_options = dataclasses.replace(options, device=shard.device(options.device))
+    if on_plan is not None and distributed.is_leader():
         on_plan(plan, base, tuned)
     if not plan.pairs:
         raise NothingComparableError(
@@ -186,17 +203,20 @@ def _run(
             "same shape" + (" after --include/--exclude" if include or exclude else "")
         )
     arrow_schema = schema.arrow_schema(metadata=metadata)
-    writer = ParquetReportWriter(output, arrow_schema) if output is not None else None
+    writer = (
+        ParquetReportWriter(output, arrow_schema) if output is not None and distributed.is_leader() else None
+    )
     rows: list[dict[str, Any]] = []
     timings = Timings()
     spectra: list[dict[str, Any]] = []
     try:
-        pair_rows = compare_pairs(base, tuned, plan, options, on_progress, timings, spectra)
-        for row in add_columns(pair_rows, base, tuned, plan):
+        pair_rows = compare_pairs(base, tuned, work, work_options, on_progress, timings, spectra)
+        row_iter = add_columns(pair_rows, base, tuned, work)
+        for row in row_iter if shard is None else shard.merged(row_iter, spectra):
             rows.append(row)
             if writer is not None:
                 writer.write(row)
-        if spectra_output is not None:
+        if spectra_output is not None and distributed.is_leader():
             from weightdiff.metrics.spectral import spectra_table
             from weightdiff.writers import write_table
 

@@ -17,6 +17,7 @@ import typer
 from rich.console import Console
 from rich.text import Text
 
+from weightdiff import distributed
 from weightdiff.errors import EXIT_USAGE, WeightdiffError
 
 app = typer.Typer(
@@ -72,6 +73,35 @@ MarkdownOpt = Annotated[
     str | None,
     typer.Option("--markdown", metavar="PATH", help="Write a Markdown summary (e.g. $GITHUB_STEP_SUMMARY)."),
 ]
+
+
+_SIZE_UNITS = {
+    "": 1,
+    "b": 1,
+    "kb": 10**3,
+    "mb": 10**6,
+    "gb": 10**9,
+    "tb": 10**12,
+    "kib": 2**10,
+    "mib": 2**20,
+    "gib": 2**30,
+    "tib": 2**40,
+    "k": 2**10,
+    "m": 2**20,
+    "g": 2**30,
+    "t": 2**40,
+}
+
+
+def parse_size(text: str, option: str) -> int:
+    """'8GB', '512MiB', '1.5g' or a plain byte count -> bytes."""
+    import re
+
+    match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([a-zA-Z]*)\s*", text)
+    unit = match.group(2).lower() if match else ""
+    if match is None or unit not in _SIZE_UNITS or float(match.group(1)) <= 0:
+        raise typer.BadParameter(f"{text!r} is not a size (e.g. 8GB, 512MiB, 1.5g)", param_hint=option)
+    return int(float(match.group(1)) * _SIZE_UNITS[unit])
 
 
 def _stderr() -> Console:
@@ -151,6 +181,7 @@ def _root(
 
 
 @app.command()
+@distributed.collective  # under torchrun: one session of all ranks, rank 0 prints (distributed.py)
 def compare(
     base: Annotated[
         str, typer.Argument(help="Base checkpoint: a .safetensors file, a directory, or a Hub repo id.")
@@ -216,6 +247,12 @@ def compare(
     top: Annotated[int, typer.Option("--top", help="How many most-changed tensors to list.")] = 10,
     quiet: QuietOpt = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Print where the time went.")] = False,
+    max_memory: Annotated[
+        str | None,
+        typer.Option(
+            "--max-memory", help="Bound on host and device memory, e.g. 8GB or 512MiB.", show_default=False
+        ),
+    ] = None,
     fail_if: FailIfOpt = None,
     policy: PolicyOpt = None,
     strict: StrictOpt = False,
@@ -230,13 +267,13 @@ def compare(
 
     if heatmap not in COLUMN_NAMES and not heatmap.endswith("_overlap_ratio"):
         raise typer.BadParameter(f"unknown column {heatmap!r}", param_hint="--heatmap")
-    if json_path is not None and json_path != "-":
+    if json_path is not None and json_path != "-" and distributed.is_leader():
         check_output_path(json_path, "--json")
     # Gate rules are parsed before any weight is read: a typo in a rule fails in a second, not after an hour.
     rules, policy_strict = gate.collect_rules(fail_if or (), policy)
     strict = strict or policy_strict
     gating = bool(rules) or strict
-    if markdown is not None and markdown != "-":
+    if markdown is not None and markdown != "-" and distributed.is_leader():
         check_output_path(markdown, "--markdown")
     err = _stderr()
     out = _stdout(to_stderr=json_path == "-")
@@ -251,7 +288,10 @@ def compare(
                     err.print(f"{src.given}: {d.get('kind')} source, resolved to {d.get('resolved')}")
             terminal.render_plan(plan, err, base_src.given, tuned_src.given)
             err.print(f"Device: {dev} ({why})")
-        progress.start(plan.total_bytes, len(plan.pairs))
+            if note := distributed.share_note(plan.pairs):
+                err.print(note)
+        share = distributed.own_share(plan.pairs)  # under torchrun, rank 0's share: it shows its own progress
+        progress.start(sum(p.nbytes for p in share), len(share))
 
     started = time.perf_counter()
     try:
@@ -274,11 +314,14 @@ def compare(
             tuned_revision=tuned_revision,
             token=token,
             download=download,
+            max_memory=parse_size(max_memory, "--max-memory") if max_memory is not None else None,
             on_plan=on_plan,
             on_progress=lambda pair: progress.advance(pair.nbytes),
         )
     finally:
         progress.stop()
+    if not distributed.is_leader():  # under torchrun rank 0 prints and writes the summaries
+        return
     elapsed = time.perf_counter() - started
     rows = report.rows
     terminal.render_summary(rows, out, base, tuned, heatmap_column=heatmap, top=top)
@@ -358,6 +401,7 @@ def check(
 
 
 @app.command()
+@distributed.collective
 def consistency(
     base: Annotated[
         str, typer.Argument(help="Base checkpoint: a .safetensors file, a directory, or a Hub repo id.")
@@ -391,7 +435,7 @@ def consistency(
 
     if len(runs) < 2:
         raise InputError(f"consistency needs BASE and at least two runs, got {len(runs)} run")
-    if json_path is not None and json_path != "-":
+    if json_path is not None and json_path != "-" and distributed.is_leader():
         check_output_path(json_path, "--json")
     err = _stderr()
     out = _stdout(to_stderr=json_path == "-")
@@ -402,7 +446,10 @@ def consistency(
         if not quiet:
             cons.render_plan(plan, err, base_src.given, [r.given for r in run_srcs])
             err.print(f"Device: {dev} ({why})")
-        progress.start(plan.total_bytes, len(plan.items))
+            if note := distributed.share_note(plan.items):
+                err.print(note)
+        share = distributed.own_share(plan.items)  # under torchrun, rank 0's share: it shows its own progress
+        progress.start(sum(i.nbytes for i in share), len(share))
 
     try:
         report = cons.consistency(
@@ -419,6 +466,8 @@ def consistency(
         )
     finally:
         progress.stop()
+    if not distributed.is_leader():  # under torchrun rank 0 prints and writes the summaries
+        return
     rows = report.rows
     cons.render_summary(rows, out, base, runs)
     if json_path is not None:
@@ -428,6 +477,7 @@ def consistency(
 
 
 @app.command()
+@distributed.collective
 def spectrum(
     checkpoint: Annotated[
         str, typer.Argument(help="Checkpoint to analyse: a file, a directory or a Hub repo id.")
@@ -465,6 +515,8 @@ def spectrum(
         device=device,
         token=token,
     )
+    if not distributed.is_leader():  # under torchrun rank 0 prints
+        return
     if report.skipped and not quiet:
         more = f" (+{len(report.skipped) - 5} more)" if len(report.skipped) > 5 else ""
         _stderr().print(
@@ -552,7 +604,8 @@ def main() -> None:
     except WeightdiffError as exc:
         if os.environ.get("WEIGHTDIFF_DEBUG") == "1":
             raise
-        _stderr().print(Text.assemble(("error: ", "bold red"), str(exc)), soft_wrap=True)
+        if not getattr(exc, "quiet", False):  # torchrun: rank 0 reports another rank's failure, once
+            _stderr().print(Text.assemble(("error: ", "bold red"), str(exc)), soft_wrap=True)
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
         _stderr().print("interrupted; no report written")

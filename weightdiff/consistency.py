@@ -27,8 +27,6 @@ from __future__ import annotations
 
 import datetime as _dt
 import math
-import queue
-import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -39,7 +37,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from weightdiff import schema
+from weightdiff import distributed, schema
+from weightdiff.engine import Reader, ReadJob
 from weightdiff.errors import InputError, NothingComparableError, OutputError, WeightdiffError
 from weightdiff.metrics.elementwise import round_to_bf16
 from weightdiff.naming import expert_of, layer_of, module_of, natural_key
@@ -276,64 +275,6 @@ def make_consistency_plan(
 # Streaming
 # --------------------------------------------------------------------------------------------------------------
 
-_DONE = object()
-
-
-class _Reader:
-    """Background thread that reads the next tensor names' data from all checkpoints, bounded by bytes.
-
-    The same pattern as ``weightdiff.engine``: an item is admitted when nothing is in flight or when it fits the
-    byte budget, so memory holds the item being computed plus at most ``budget`` bytes read ahead.
-    """
-
-    def __init__(self, sources: Sequence[Source], items: list[RunTensors], budget: int, pin: bool) -> None:
-        self.sources, self.items, self.budget, self.pin = sources, items, budget, pin
-        self.queue: queue.Queue[Any] = queue.Queue()
-        self.in_flight = 0
-        self.cond = threading.Condition()
-        self.stop = False
-        self.thread = threading.Thread(target=self._run, name="weightdiff-consistency-reader", daemon=True)
-        self.thread.start()
-
-    def _load(self, source: Source, info: TensorInfo) -> torch.Tensor:
-        t = source.read(info)
-        if self.pin:
-            pinned = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
-            pinned.copy_(t)
-            source.release(info)
-            return pinned
-        if t.numel():
-            # Fault the pages in here, off the compute thread; one byte per 4 KiB page is enough.
-            t.reshape(-1).view(torch.uint8)[::4096].sum()
-        return t
-
-    def _run(self) -> None:
-        try:
-            for item in self.items:
-                with self.cond:
-                    while not self.stop and self.in_flight and self.in_flight + item.nbytes > self.budget:
-                        self.cond.wait()
-                    if self.stop:
-                        return
-                    self.in_flight += item.nbytes
-                tensors = [self._load(src, info) for src, info in zip(self.sources, item.infos, strict=True)]
-                self.queue.put((item, tensors))
-        except BaseException as exc:  # handed to the compute side, which re-raises it
-            self.queue.put(exc)
-            return
-        self.queue.put(_DONE)
-
-    def done_with(self, item: RunTensors) -> None:
-        with self.cond:
-            self.in_flight -= item.nbytes
-            self.cond.notify_all()
-
-    def close(self) -> None:
-        with self.cond:
-            self.stop = True
-            self.cond.notify_all()
-        self.thread.join(timeout=5)
-
 
 @dataclass
 class TensorAgreement:
@@ -441,18 +382,12 @@ def iter_consistency_rows(
 ) -> Iterator[Row]:
     """Yield one row (CONSISTENCY_COLUMNS) per planned tensor, in plan order."""
     sources = [base, *runs]
-    reader = _Reader(sources, plan.items, prefetch_bytes, pin=device.type == "cuda")
+    jobs = [ReadJob(item, tuple(zip(sources, item.infos, strict=True))) for item in plan.items]
+    reader = Reader(jobs, prefetch_bytes, pin=False)
     chunk = _GPU_CHUNK if device.type == "cuda" else _CPU_CHUNK
     try:
-        while True:
-            got = reader.queue.get()
-            if got is _DONE:
-                break
-            if isinstance(got, BaseException):
-                raise got
-            item, tensors = got
-            # Drop the queue's reference too, so a pinned host copy is freed as soon as ``tensors`` is.
-            del got
+        for job, tensors in reader:
+            item = job.key
             try:
                 if device.type != "cpu":
                     tensors = [t.to(device, non_blocking=True) for t in tensors]
@@ -464,9 +399,7 @@ def iter_consistency_rows(
             except RuntimeError as exc:
                 raise WeightdiffError(f"{item.name}: computing masks failed on {device} ({exc})") from exc
             del tensors
-            for src, info in zip(sources, item.infos, strict=True):
-                src.release(info)
-            reader.done_with(item)
+            reader.done(job)
             row = identity(item)
             row.update(agreement_from_counts(item.base.numel, agreement.counts))
             if on_stripes is not None:
@@ -541,6 +474,7 @@ def _version() -> str:
     return __version__
 
 
+@distributed.collective
 def consistency(
     base: str | Source,
     runs: Sequence[str | Source],
@@ -568,10 +502,12 @@ def consistency(
 
     if len(runs) < 2:
         raise InputError(f"consistency needs at least two runs besides the base, got {len(runs)}")
-    if output is not None:
+    # Under torchrun only rank 0 writes, so only its paths matter (distributed.py tells the others if bad).
+    if output is not None and distributed.is_leader():
         check_output_path(output)
     if stripes_output is not None:
-        check_output_path(stripes_output, "--stripes")
+        if distributed.is_leader():
+            check_output_path(stripes_output, "--stripes")
         if output is not None and _same_path(output, stripes_output):
             raise OutputError(f"{stripes_output}: --stripes and --output name the same file")
     if prefetch_bytes < 0:
@@ -633,7 +569,16 @@ def _run(
         "plan": plan.as_dict(),
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
-    if on_plan is not None:
+    # Under torchrun this rank computes its share of the tensors (balanced by bytes) on its own device; rank 0
+    # gets every rank's rows and stripes back in plan order and is the only one that prints and writes.
+    shard = distributed.current()
+    work = plan
+    if shard is not None:
+        work = ConsistencyPlan(
+            runs=plan.runs, items=shard.select(plan.items, lambda i: i.nbytes, lambda i: i.name)
+        )
+        device = torch.device(shard.device(str(device)))
+    if on_plan is not None and distributed.is_leader():
         on_plan(plan, base, runs)
     if not plan.items:
         raise NothingComparableError(
@@ -643,22 +588,30 @@ def _run(
     arrow_schema = schema.arrow_schema(schema.CONSISTENCY_COLUMNS, metadata=metadata)
     from weightdiff.writers import ParquetReportWriter
 
-    writer = ParquetReportWriter(output, arrow_schema) if output is not None else None
+    writer = (
+        ParquetReportWriter(output, arrow_schema) if output is not None and distributed.is_leader() else None
+    )
     stripes: _StripesWriter | None = None
+    kept = distributed.Buffer()  # torchrun: this rank's stripes tables, kept until they are gathered
     rows: list[Row] = []
     try:
         on_stripes = None
         if stripes_output is not None:
-            stripes = _StripesWriter(stripes_output, _stripes_schema(metadata))
-            sw = stripes
+            if distributed.is_leader():
+                stripes = _StripesWriter(stripes_output, _stripes_schema(metadata))
+            sw: Any = stripes if shard is None else kept
 
             def on_stripes(item: RunTensors, agreement: TensorAgreement) -> None:
                 sw.write(stripes_table(item.name, item.base.shape, len(runs), agreement))
 
-        for row in iter_consistency_rows(base, runs, plan, device, prefetch_bytes, on_stripes, on_progress):
+        row_iter = iter_consistency_rows(base, runs, work, device, prefetch_bytes, on_stripes, on_progress)
+        for row in row_iter if shard is None else shard.merged(row_iter, kept):
             rows.append(row)
             if writer is not None:
                 writer.write(row)
+        if stripes is not None:  # torchrun: every rank's stripes, in plan order (empty in a single process)
+            for table in kept:
+                stripes.write(table)
         # Commit the stripes first: if the main report fails to commit, no stripes file should claim a run.
         if stripes is not None:
             stripes.commit()

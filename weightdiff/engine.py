@@ -41,6 +41,8 @@ class EngineOptions:
     prefetch_bytes: int = 256 << 20
     #: Also return per-tensor singular values and angle vectors (for --spectra).
     keep_spectra: bool = False
+    #: Bound on the memory the engine uses (host and device), in bytes; None = no bound (see memory_plan).
+    max_memory: int | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -83,6 +85,51 @@ def resolve_device(spec: str) -> tuple[torch.device, str]:
     elif device.type != "cpu":
         raise InputError(f"--device: {spec!r} is not supported (use auto, cpu, cuda or cuda:N)")
     return device, "as requested"
+
+
+# Bytes per element of the float64 working set of the spectral metrics for one matrix pair: both matrices, the
+# update, the rank-r reconstruction and its magnitudes (about 5 float64 matrices plus boolean masks).
+SPECTRAL_BYTES_PER_ELEMENT = 6 * 8
+# Bytes of temporaries per element in the chunked element-wise path (float64 copies, masks, bf16 roundings).
+ELEMENTWISE_BYTES_PER_ELEMENT = 48
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    prefetch_bytes: int
+    chunk: int | None
+
+
+def memory_plan(plan: Plan, options: EngineOptions) -> MemoryPlan:
+    """How the engine stays under ``--max-memory``, or a clear error when one pair cannot.
+
+    Read-ahead gets a quarter of the budget, element-wise temporaries are bounded by the chunk size, and every
+    pair (plus, with spectral metrics, its float64 working set) must fit in what remains; the check runs on the
+    plan, before any tensor is read.
+    """
+    if options.max_memory is None:
+        return MemoryPlan(options.prefetch_bytes, None)
+    budget = options.max_memory
+    prefetch = min(options.prefetch_bytes, budget // 4)
+    chunk = max(1 << 16, (budget // 4) // ELEMENTWISE_BYTES_PER_ELEMENT)
+    for pair in plan.pairs:
+        need = pair.nbytes
+        if options.spectral and len(pair.base.shape) == 2 and min(pair.base.shape) >= 2:
+            need += pair.base.numel * SPECTRAL_BYTES_PER_ELEMENT
+        if need > budget - prefetch:
+            hint = " (use --no-spectral or raise the limit)" if options.spectral else ""
+            raise InputError(
+                f"--max-memory {_size(budget)} is too small: {pair.name} needs about {_size(need + prefetch)}{hint}"
+            )
+    return MemoryPlan(prefetch, chunk)
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"
 
 
 def identity_columns(pair: Pair) -> dict[str, Any]:
@@ -209,7 +256,8 @@ def compare_pairs(
     jobs = [ReadJob(pair, ((base, pair.base), (tuned, pair.tuned))) for pair in plan.pairs]
     # No pinned staging buffers: on the H100 run (docs/performance.md) allocating pinned memory per tensor cost
     # more than it saved; a plain copy from the page-cache-backed map runs at about 8.5 GB/s.
-    reader = Reader(jobs, options.prefetch_bytes, pin=False, timings=timings)
+    mem = memory_plan(plan, options)
+    reader = Reader(jobs, mem.prefetch_bytes, pin=False, timings=timings)
     try:
         for job, (x, y) in reader:
             pair = job.key
@@ -220,7 +268,7 @@ def compare_pairs(
             t2 = time.perf_counter()
             row = identity_columns(pair)
             try:
-                row.update(elementwise_metrics(x, y, atol=options.atol))
+                row.update(elementwise_metrics(x, y, atol=options.atol, chunk=mem.chunk))
                 if spectral_fn is not None and x.dim() == 2 and min(x.shape) >= 2:
                     spec = spectral_fn(x, y, spectral_opts)
                     row.update(spec.columns)

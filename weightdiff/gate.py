@@ -588,42 +588,18 @@ class SavedReport:
         return rule_columns(self.arrow_schema)
 
 
-def _major(version: Any) -> str:
-    return str(version).split(".", 1)[0]
-
-
 def load_report(path: str | Path) -> SavedReport:
     """Read a compare report; ``InputError`` for a missing or non-Parquet file, a file without weightdiff
     metadata, or one whose schema major version differs from this weightdiff's."""
-    import pyarrow.parquet as pq
+    from weightdiff.reports import read_schema
 
-    p = Path(path)
-    if not p.exists():
-        raise InputError(f"{p}: no such report file")
-    if p.is_dir():
-        raise InputError(f"{p}: is a directory, not a Parquet report")
-    try:
-        arrow_schema = pq.read_schema(str(p))
-    except (pa.ArrowException, OSError) as exc:
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise InputError(f"{p}: not a Parquet report ({reason})") from None
-    metadata = schema.decode_metadata(arrow_schema.metadata)
-    version = metadata.get("schema_version")
-    if version is None:
-        raise InputError(f"{p}: not a weightdiff report (the Parquet file has no weightdiff metadata)")
-    if _major(version) != _major(schema.SCHEMA_VERSION):
-        raise InputError(
-            f"{p}: report schema version {version} is not supported by this weightdiff (schema "
-            f"{schema.SCHEMA_VERSION}); regenerate it with this version's weightdiff compare"
-        )
+    p, arrow_schema, metadata = read_schema(path)
     missing = [c for c in ("name", "numel") if c not in arrow_schema.names]
     if missing:
         raise InputError(f"{p}: not a weightdiff report (no {missing[0]!r} column)")
-    try:
-        table = pq.read_table(str(p))
-    except (pa.ArrowException, OSError) as exc:
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise InputError(f"{p}: cannot read the report ({reason})") from None
+    from weightdiff.reports import read_table
+
+    table = read_table(p)
     return SavedReport(path=p, rows=table.to_pylist(), metadata=metadata, arrow_schema=arrow_schema)
 
 

@@ -102,38 +102,16 @@ def load(path: str | os.PathLike[str]) -> LoadedFile:
     Raises ``InputError`` for a missing file, a directory, a file that is not Parquet, a Parquet file without
     weightdiff metadata or of another schema major version, and one whose columns match no weightdiff file.
     """
-    import pyarrow.parquet as pq
+    from weightdiff.reports import read_schema, read_table
 
-    p = Path(path)
-    if not p.exists():
-        raise InputError(f"{p}: no such file")
-    if p.is_dir():
-        raise InputError(f"{p}: is a directory, not a Parquet report")
-    try:
-        arrow_schema = pq.read_schema(str(p))
-    except (pa.ArrowException, OSError) as exc:
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise InputError(f"{p}: not a Parquet report ({reason})") from None
-    metadata = schema.decode_metadata(arrow_schema.metadata)
-    version = metadata.get("schema_version")
-    if version is None:
-        raise InputError(f"{p}: not a weightdiff report (the Parquet file has no weightdiff metadata)")
-    if str(version).split(".")[0] != schema.SCHEMA_VERSION.split(".")[0]:
-        raise InputError(
-            f"{p}: report schema version {version} is not supported by this weightdiff "
-            f"(schema {schema.SCHEMA_VERSION}); regenerate it with this version"
-        )
+    p, arrow_schema, metadata = read_schema(path)
     names = set(arrow_schema.names)
     kind = next((k for k, cols in _SIGNATURES if cols <= names), None)
     if kind is None:
         raise InputError(
             f"{p}: not a weightdiff report (its columns match no report, spectra or stripes file)"
         )
-    try:
-        table = pq.read_table(str(p))
-    except (pa.ArrowException, OSError) as exc:
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise InputError(f"{p}: cannot read the report ({reason})") from None
+    table = read_table(p)
     return LoadedFile(p, table, metadata, kind)
 
 

@@ -203,18 +203,29 @@ SPECTRUM_COLUMNS: tuple[Column, ...] = (
     Column("module", _STR, "name without layer prefix, expert index and parameter suffix"),
     Column("shape", pa.list_(_I64), "tensor shape"),
     Column("dtype", _STR, "stored dtype"),
-    Column("rank_k", _I64, "number of singular values in singular_values (min(--rank, m, n), all with --full)"),
+    Column(
+        "rank_k", _I64, "number of singular values in singular_values (min(--rank, m, n), all with --full)"
+    ),
     Column("spectral_norm", _F64, "largest singular value sigma_1"),
     Column("frobenius_norm", _F64, "Frobenius norm (float64)"),
     Column("stable_rank", _F64, "frobenius_norm^2 / spectral_norm^2 (null for a zero matrix)", True),
-    Column("effective_rank", _F64, "exp(entropy of sigma_i / sum sigma), Roy & Vetterli, full spectrum", True),
+    Column(
+        "effective_rank", _F64, "exp(entropy of sigma_i / sum sigma), Roy & Vetterli, full spectrum", True
+    ),
     Column("topk_energy_share", _F64, "sum of the top-k sigma^2 over frobenius_norm^2", True),
     Column("singular_values", _F64_LIST, "singular values, descending (top k, or all with --full)"),
     Column("tuned_spectral_norm", _F64, "sigma_1 of the tuned tensor (two checkpoints only)", True),
     Column("tuned_stable_rank", _F64, "stable rank of the tuned tensor (two checkpoints only)", True),
     Column("tuned_effective_rank", _F64, "effective rank of the tuned tensor (two checkpoints only)", True),
-    Column("tuned_singular_values", _F64_LIST, "singular values of the tuned tensor (two checkpoints only)", True),
-    Column("sv_rel_drift", _F64_LIST, "per index (S+[i] - S0[i]) / S0[i] over the listed values (two checkpoints only)", True),
+    Column(
+        "tuned_singular_values", _F64_LIST, "singular values of the tuned tensor (two checkpoints only)", True
+    ),
+    Column(
+        "sv_rel_drift",
+        _F64_LIST,
+        "per index (S+[i] - S0[i]) / S0[i] over the listed values (two checkpoints only)",
+        True,
+    ),
     Column("sv_drift", _F64, "|S+ - S0| / |S0| over the full spectrum (two checkpoints only)", True),
 )
 

@@ -16,8 +16,8 @@ from typing import Any
 import pyarrow as pa
 import torch
 
-from weightdiff import schema
-from weightdiff.engine import ReadJob, Reader, resolve_device
+from weightdiff import distributed, schema
+from weightdiff.engine import Reader, ReadJob, resolve_device
 from weightdiff.errors import NothingComparableError
 from weightdiff.metrics.spectral import matrix_spectrum
 from weightdiff.naming import expert_of, layer_of, module_of
@@ -43,6 +43,7 @@ def _is_matrix(info: TensorInfo) -> bool:
     return info.dtype in FLOAT_DTYPES and len(info.shape) == 2 and min(info.shape) >= 2
 
 
+@distributed.collective
 def spectrum(
     checkpoint: str | Source,
     tuned: str | Source | None = None,
@@ -63,7 +64,7 @@ def spectrum(
 
     if rank < 1:
         raise InputError(f"--rank must be at least 1, got {rank}")
-    if output is not None:
+    if output is not None and distributed.is_leader():  # under torchrun only rank 0 writes
         check_output_path(output)
     dev, _why = resolve_device(device)
     base = checkpoint if isinstance(checkpoint, Source) else open_source(checkpoint, revision, token)
@@ -119,12 +120,19 @@ def _run(
     }
     if not jobs:
         raise NothingComparableError(f"{base.given}: no 2-D floating-point tensor to analyse")
+    # Under torchrun this rank takes a share of the matrices, balanced by SVD cost; rank 0 gathers the rows.
+    shard = distributed.current()
+    if shard is not None:
+        jobs = shard.select(jobs, lambda job: distributed.svd_cost(job.key.shape), lambda job: job.key.name)
+        device = torch.device(shard.device(str(device)))
     arrow_schema = schema.arrow_schema(schema.SPECTRUM_COLUMNS, metadata)
-    writer = ParquetReportWriter(output, arrow_schema) if output is not None else None
+    writer = (
+        ParquetReportWriter(output, arrow_schema) if output is not None and distributed.is_leader() else None
+    )
     rows: list[dict[str, Any]] = []
     reader = Reader(jobs, 1 << 30, pin=False)
     try:
-        for job, tensors in reader:
+        for job, tensors in reader if shard is None else shard.track(reader):
             info = job.key
             mats = [t.to(device) for t in tensors]
             s0 = matrix_spectrum(mats[0], rank, full)
@@ -148,17 +156,22 @@ def _run(
                 v1 = torch.tensor(s1["singular_values"], dtype=torch.float64)
                 row["sv_rel_drift"] = [
                     (b - a) / a if a > 0 else (0.0 if b == a else math.inf)
-                    for a, b in zip(v0.tolist(), v1.tolist())
+                    for a, b in zip(v0.tolist(), v1.tolist(), strict=True)
                 ]
                 norm0 = float(torch.linalg.vector_norm(a0))
                 row["sv_drift"] = float(torch.linalg.vector_norm(a1 - a0)) / norm0 if norm0 > 0 else None
             del mats, tensors
             reader.done(job)
             rows.append(row)
-            if writer is not None:
+            if writer is not None and shard is None:
                 writer.write(row)
             if on_progress is not None:
                 on_progress(job.nbytes)
+        if shard is not None:
+            rows = shard.gather(rows)
+            if writer is not None:
+                for row in rows:
+                    writer.write(row)
         if writer is not None:
             writer.commit()
     except BaseException:

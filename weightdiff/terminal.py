@@ -119,18 +119,21 @@ def _heatmap(hm: dict[str, Any]) -> Table | None:
     t = Table(title=title, title_justify="left", header_style="bold", show_edge=False, pad_edge=False)
     t.add_column("layer", justify="right", no_wrap=True)
     for m in hm["modules"]:
-        t.add_column(m.split(".")[-1], justify="right", no_wrap=True, overflow="crop")
+        # Short headers keep many modules on one screen; the per-module table above has the full names.
+        t.add_column(m.split(".")[-1][:7], justify="right", no_wrap=True, overflow="crop")
     for layer, line in zip(hm["layers"], hm["values"], strict=False):
         cells = []
         for v in line:
             if v is None:
                 cells.append(Text("·", style="dim"))
                 continue
-            # For sparsities 1.0 (nothing changed) is blank and fully changed a full block.
+            # For sparsities 1.0 (nothing changed) is blank and fully changed a full block; the number stays
+            # readable without colour, and the block and background carry the scale at a glance.
             frac = 1 - v if sparsity else (v - lo) / (hi - lo) if hi > lo else 0.0
             idx = min(len(_SHADES) - 1, int((1 - frac) * (len(_SHADES) - 1) + 0.5))
-            cell = f"{_SHADES[idx]}{100 * v:5.1f}" if sparsity else f"{_SHADES[idx]}{v:.3g}"
-            cells.append(Text(cell))
+            shade = int(40 + 140 * max(0.0, min(1.0, frac)))
+            cell = f"{_SHADES[idx]}{100 * v:.1f}" if sparsity else f"{_SHADES[idx]}{v:.3g}"
+            cells.append(Text(cell, style=f"on rgb({shade},{shade // 3},{shade // 3})"))
         t.add_row(str(layer), *cells)
     return t
 

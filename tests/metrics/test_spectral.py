@@ -208,3 +208,12 @@ def test_nonfinite_matrix_gets_null_spectral_columns():
     got = spectral_metrics(W0, W1, SpectralOptions()).columns
     assert got["angle_u_max_deg"] is None if "angle_u_max_deg" in got else True
     assert got["svd_solver"] is None
+
+
+def test_zero_base_matrix_gives_null_drifts():
+    W0 = torch.zeros(6, 5)
+    W1 = torch.ones(6, 5)
+    got = spectral_metrics(W0, W1, SpectralOptions(solver="exact", rank=2)).columns
+    for c in ("sv_drift", "sv_drift_topk", "sigma1_rel_change", "topk_energy_rel_change"):
+        assert got[c] is None, c
+    assert got["principal_mask_density"] == 1.0 and got["lowmag_mask_density"] == 1.0

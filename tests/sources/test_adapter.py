@@ -231,3 +231,44 @@ def test_adapter_that_trains_the_head_of_a_tied_base_unties_it(tmp_path):
     assert_elementwise(rows["lm_head.weight"], base_t["model.embed_tokens.weight"], head)
     assert rows["model.embed_tokens.weight"]["changed_exact"] == 0
     assert report.plan.tied[0]["tuned"] == "untied" and report.plan.only_tuned == []
+
+
+def test_adapter_on_an_fp8_base_merges_bf16_modules_and_keeps_fp8_weights(tmp_path):
+    from tests.sources.test_quant import FP8_CONFIG, dequantize, quantize
+
+    g = torch.Generator().manual_seed(6)
+    codes, scale = quantize(torch.randn(40, 32, generator=g))
+    q = torch.randn(32, 32, generator=g).to(torch.bfloat16)
+    base_t = {
+        "model.layers.0.mlp.up_proj.weight": codes,
+        "model.layers.0.mlp.up_proj.weight_scale_inv": scale,
+        "model.layers.0.self_attn.q_proj.weight": q,
+    }
+    write_checkpoint(tmp_path / "base" / "model.safetensors", base_t)
+    (tmp_path / "base" / "config.json").write_text(json.dumps(FP8_CONFIG))
+    a, b = _factors(g, 32, 32, 2)
+    adapter = _adapter(
+        tmp_path / "adapter",
+        {
+            f"{P}model.layers.0.self_attn.q_proj.lora_A.weight": a,
+            f"{P}model.layers.0.self_attn.q_proj.lora_B.weight": b,
+        },
+        r=2,
+        lora_alpha=2,
+    )
+    rows = by_name(compare(str(tmp_path / "base"), str(adapter), spectral=False).rows)
+    up = rows["model.layers.0.mlp.up_proj.weight"]
+    assert_elementwise(up, dequantize(codes, scale), dequantize(codes, scale))
+    assert up["changed_stored"] == 0 and up["dtype_tuned"] == "F8_E4M3"
+    assert_elementwise(rows["model.layers.0.self_attn.q_proj.weight"], q, merged(q, a, b, 1.0))
+    # LoRA on the FP8 weight itself is refused.
+    adapter2 = _adapter(
+        tmp_path / "adapter2",
+        {
+            f"{P}model.layers.0.mlp.up_proj.lora_A.weight": a,
+            f"{P}model.layers.0.mlp.up_proj.lora_B.weight": b,
+        },
+        r=2,
+    )
+    with pytest.raises(UnsupportedCheckpointError, match="merging LoRA into FP8 weights is not supported"):
+        compare(str(tmp_path / "base"), str(adapter2), spectral=False)

@@ -249,7 +249,7 @@ def elementwise_metrics(
     base: torch.Tensor,
     tuned: torch.Tensor,
     atol: float = DEFAULT_ATOL,
-    chunk: int = 1 << 18,
+    chunk: int | None = None,
     use_kernel: bool = True,
 ) -> dict[str, object]:
     """All section-1 metrics of one same-shaped pair, stored dtypes as read (mixed dtypes are upcast exactly).
@@ -263,9 +263,10 @@ def elementwise_metrics(
     x_all, y_all = base.reshape(-1), tuned.reshape(-1)
     if use_kernel and x_all.device.type == "cpu" and _kernels is not None:
         return _elementwise_kernel(x_all, y_all, atol)
-    if x_all.device.type != "cpu":
-        # On a GPU the passes are cheap and each host sync is not: few, large chunks.
-        chunk = max(chunk, 1 << 26)
+    if chunk is None:
+        # On a GPU the passes are cheap and each host sync is not: few, large chunks. On a CPU, chunks that
+        # stay in cache. ``chunk`` also bounds the temporaries (about 40 bytes per element).
+        chunk = 1 << 26 if x_all.device.type != "cpu" else 1 << 18
     acc = ElementwiseAccumulator(atol=atol)
     for start in range(0, x_all.numel(), chunk):
         x = x_all[start : start + chunk].to(dtype)

@@ -215,9 +215,8 @@ def spectral_metrics(base: torch.Tensor, tuned: torch.Tensor, opts: SpectralOpti
     cols["angle_v_max_deg"] = float(ang_v.max())
     cols["angle_v_mean_deg"] = float(ang_v.mean())
     if t0.full is not None and t1.full is not None:
-        cols["sv_drift"] = float(
-            torch.linalg.vector_norm(t1.full - t0.full) / torch.linalg.vector_norm(t0.full)
-        )
+        n0 = float(torch.linalg.vector_norm(t0.full))
+        cols["sv_drift"] = float(torch.linalg.vector_norm(t1.full - t0.full)) / n0 if n0 > 0 else None
     else:
         cols["sv_drift"] = None
     s0_norm = float(torch.linalg.vector_norm(S0))

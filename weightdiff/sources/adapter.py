@@ -37,7 +37,7 @@ from weightdiff.errors import CheckpointFormatError, InputError, UnsupportedChec
 from weightdiff.sources.base import Source
 from weightdiff.sources.format import FLOAT_DTYPES, TensorInfo
 from weightdiff.sources.local import LocalSource
-from weightdiff.sources.quant import FP8_DTYPES
+from weightdiff.sources.quant import FP8_DTYPES, read_stored
 from weightdiff.sources.rows import resolve
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -248,6 +248,12 @@ class AdapterSource(Source):
         w0 = self.adapter.read(full) if replaced else self.base.read(full)
         merged = (w0.to(torch.float32) + self.delta(module)).to(w0.dtype)
         return merged if rows is None else merged[rows[0] : rows[1]].clone()
+
+    def read_stored(self, info: TensorInfo) -> torch.Tensor:
+        """What the merged checkpoint would store for ``info``: the base's stored values where untouched."""
+        if info.name in self.modules or info.name in self._replaced:
+            return self.read(info)
+        return read_stored(self.base, info)
 
     def release(self, info: TensorInfo) -> None:
         if info.name in self._replaced:

@@ -232,7 +232,10 @@ def prepare(source: Source) -> Source:
 
 
 def read_stored(source: Source, info: TensorInfo) -> torch.Tensor:
-    """The stored values of ``info`` as the file holds them, whatever the source computes on ``read``."""
-    if isinstance(source, Fp8Source):
-        return source.read_stored(info)
-    return source.read(info)
+    """The stored values of ``info`` as the file holds them, whatever the source computes on ``read``.
+
+    Wrapper sources that compute values (``Fp8Source``, ``AdapterSource``) expose ``read_stored``; for any
+    other source, what it reads is what is stored.
+    """
+    reader = getattr(source, "read_stored", None)
+    return reader(info) if reader is not None else source.read(info)
