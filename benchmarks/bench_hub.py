@@ -1,0 +1,86 @@
+"""Hub source on loopback: ``weightdiff compare`` of a pair served by the test suite's fake Hub, against the
+local compare of the same files, in the same run.
+
+The fake Hub (tests/hub_server.py) runs in its own process, so the server's Python does not compete with the
+compare for the interpreter lock. Each contender is a fresh ``python -m weightdiff compare --no-spectral``
+process; the best of ``--repeat`` runs is kept. Prints JSON lines. Usage:
+    python benchmarks/bench_hub.py BASE_DIR TUNED_DIR [--repeat 2]
+(for example the pair written by ``python benchmarks/synth.py /tmp/x --size-gb 0.5``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+SERVER = """
+import sys, time
+sys.path.insert(0, sys.argv[1])
+from pathlib import Path
+from tests.hub_server import FakeHub, files_from_dir
+hub = FakeHub().start()
+hub.add_commit("bench/base", files_from_dir(Path(sys.argv[2])))
+hub.add_commit("bench/tuned", files_from_dir(Path(sys.argv[3])))
+print(hub.endpoint, flush=True)
+time.sleep(3600)
+"""
+
+
+def timed(cmd: list[str], env: dict[str, str]) -> float:
+    t = time.perf_counter()
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if res.returncode != 0:
+        raise SystemExit(f"{cmd[3:6]} failed: {res.stderr[-1500:]}")
+    return time.perf_counter() - t
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("base", type=Path)
+    ap.add_argument("tuned", type=Path)
+    ap.add_argument("--repeat", type=int, default=2)
+    args = ap.parse_args()
+    server = subprocess.Popen(
+        [sys.executable, "-c", SERVER, str(ROOT), str(args.base), str(args.tuned)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert server.stdout is not None
+        endpoint = server.stdout.readline().strip()
+        env = {
+            **os.environ,
+            "HF_ENDPOINT": endpoint,
+            "HF_HOME": str(Path("/tmp") / "wd-bench-hf"),
+            "HF_TOKEN": "",
+        }
+        base = [sys.executable, "-m", "weightdiff", "compare", "--no-spectral", "-q"]
+        size = sum(p.stat().st_size for d in (args.base, args.tuned) for p in d.rglob("*.safetensors"))
+        best = {"local": float("inf"), "hub": float("inf")}
+        for _ in range(args.repeat):
+            best["local"] = min(best["local"], timed([*base, str(args.base), str(args.tuned)], env))
+            best["hub"] = min(best["hub"], timed([*base, "bench/base", "bench/tuned"], env))
+        print(
+            json.dumps(
+                {
+                    "pair_gb": round(size / 1e9, 3),
+                    "repeat": args.repeat,
+                    "local_s": round(best["local"], 2),
+                    "hub_s": round(best["hub"], 2),
+                    "hub_over_local": round(best["hub"] / best["local"], 2),
+                }
+            )
+        )
+    finally:
+        server.kill()
+
+
+if __name__ == "__main__":
+    main()
