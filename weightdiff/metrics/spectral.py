@@ -135,7 +135,7 @@ def topk_svd_fast(W: torch.Tensor, k: int, opts: SpectralOptions, start: torch.T
     prev_S: torch.Tensor | None = None
     prev_U: torch.Tensor | None = None
     it = 0
-    for it in range(1, opts.max_iter + 1):  # noqa: B007 - the count is reported after the loop
+    for it in range(1, opts.max_iter + 1):
         Qu = _orth(W32 @ Vb)
         Vb = _orth(W32.T @ Qu)
         if it % 2 and it < opts.max_iter:
