@@ -34,7 +34,6 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 
 from weightdiff import distributed, schema
@@ -416,37 +415,6 @@ def iter_consistency_rows(
 # --------------------------------------------------------------------------------------------------------------
 
 
-class _StripesWriter:
-    """Streams per-tensor stripes tables into one Parquet file, atomically (temporary file, then rename)."""
-
-    def __init__(self, path: str, arrow_schema: pa.Schema) -> None:
-        from weightdiff.writers import AtomicFile
-
-        self.schema = arrow_schema
-        self._file = AtomicFile(path)
-        try:
-            self._writer = pq.ParquetWriter(str(self._file.tmp), arrow_schema, compression="zstd")
-        except (OSError, pa.ArrowException) as exc:
-            self._file.abort()
-            raise OutputError(f"{path}: cannot write --stripes ({exc})") from None
-        self.rows = 0
-
-    def write(self, table: pa.Table) -> None:
-        if table.num_rows:
-            self._writer.write_table(table)
-            self.rows += table.num_rows
-
-    def commit(self) -> None:
-        self._writer.close()
-        self._file.commit()
-
-    def abort(self) -> None:
-        try:
-            self._writer.close()
-        finally:
-            self._file.abort()
-
-
 @dataclass
 class ConsistencyReport:
     """The result of ``consistency``: the per-tensor table, the plan and the metadata written into the file."""
@@ -591,18 +559,18 @@ def _run(
     writer = (
         ParquetReportWriter(output, arrow_schema) if output is not None and distributed.is_leader() else None
     )
-    stripes: _StripesWriter | None = None
+    stripes: ParquetReportWriter | None = None
     kept = distributed.Buffer()  # torchrun: this rank's stripes tables, kept until they are gathered
     rows: list[Row] = []
     try:
         on_stripes = None
         if stripes_output is not None:
             if distributed.is_leader():
-                stripes = _StripesWriter(stripes_output, _stripes_schema(metadata))
+                stripes = ParquetReportWriter(stripes_output, _stripes_schema(metadata), option="--stripes")
             sw: Any = stripes if shard is None else kept
 
             def on_stripes(item: RunTensors, agreement: TensorAgreement) -> None:
-                sw.write(stripes_table(item.name, item.base.shape, len(runs), agreement))
+                sw.write_table(stripes_table(item.name, item.base.shape, len(runs), agreement))
 
         row_iter = iter_consistency_rows(base, runs, work, device, prefetch_bytes, on_stripes, on_progress)
         for row in row_iter if shard is None else shard.merged(row_iter, kept):
@@ -611,7 +579,7 @@ def _run(
                 writer.write(row)
         if stripes is not None:  # torchrun: every rank's stripes, in plan order (empty in a single process)
             for table in kept:
-                stripes.write(table)
+                stripes.write_table(table)
         # Commit the stripes first: if the main report fails to commit, no stripes file should claim a run.
         if stripes is not None:
             stripes.commit()

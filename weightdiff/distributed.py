@@ -132,6 +132,9 @@ class Buffer(list[Any]):
     def write(self, item: Any) -> None:
         self.append(item)
 
+    def write_table(self, table: Any) -> None:
+        self.append(table)
+
 
 class Shard:
     """This process's place in a torch.distributed run (see the module docstring)."""

@@ -65,7 +65,13 @@ class AtomicFile:
 class ParquetReportWriter:
     """Streams rows into a Parquet file in row groups; atomic (see the module docstring)."""
 
-    def __init__(self, path: str | os.PathLike[str], schema: pa.Schema, rows_per_group: int = 64) -> None:
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        schema: pa.Schema,
+        rows_per_group: int = 64,
+        option: str = "--output",
+    ) -> None:
         self.schema = schema
         self.rows_per_group = rows_per_group
         self._pending: list[dict[str, Any]] = []
@@ -74,13 +80,20 @@ class ParquetReportWriter:
             self._writer = pq.ParquetWriter(str(self._file.tmp), schema, compression="zstd")
         except (OSError, pa.ArrowException) as exc:
             self._file.abort()
-            raise OutputError(f"{path}: cannot write report ({exc})") from None
+            raise OutputError(f"{path}: cannot write {option} ({exc})") from None
         self.rows = 0
 
     def write(self, row: dict[str, Any]) -> None:
         self._pending.append(row)
         if len(self._pending) >= self.rows_per_group:
             self.flush()
+
+    def write_table(self, table: pa.Table) -> None:
+        """Append a whole table (already of this writer's schema) as its own row group."""
+        self.flush()
+        if table.num_rows:
+            self._writer.write_table(table)
+            self.rows += table.num_rows
 
     def flush(self) -> None:
         if self._pending:
