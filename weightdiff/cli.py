@@ -160,6 +160,17 @@ class _Progress:
             self.progress = None
 
 
+def _session(json_path: str | None, quiet: bool, device: str) -> tuple[Console, Console, _Progress, Any]:
+    """What every computing command sets up first: the --json path checked (on rank 0, before any work), the
+    two consoles (the summary moves to stderr when --json writes to stdout), progress, and the device."""
+    from weightdiff.engine import resolve_device
+    from weightdiff.writers import check_output_path
+
+    if json_path is not None and json_path != "-" and distributed.is_leader():
+        check_output_path(json_path, "--json")
+    return _stderr(), _stdout(to_stderr=json_path == "-"), _Progress(quiet), resolve_device(device)
+
+
 def _version_callback(value: bool) -> None:
     if value:
         from weightdiff import __version__
@@ -261,24 +272,18 @@ def compare(
 ) -> None:
     """Compare two checkpoints tensor by tensor and report how the weights changed."""
     from weightdiff import api, gate, summary, terminal
-    from weightdiff.engine import resolve_device
     from weightdiff.schema import COLUMN_NAMES
     from weightdiff.writers import check_output_path, write_json, write_text
 
     if heatmap not in COLUMN_NAMES and not heatmap.endswith("_overlap_ratio"):
         raise typer.BadParameter(f"unknown column {heatmap!r}", param_hint="--heatmap")
-    if json_path is not None and json_path != "-" and distributed.is_leader():
-        check_output_path(json_path, "--json")
+    err, out, progress, (dev, why) = _session(json_path, quiet, device)
     # Gate rules are parsed before any weight is read: a typo in a rule fails in a second, not after an hour.
     rules, policy_strict = gate.collect_rules(fail_if or (), policy)
     strict = strict or policy_strict
     gating = bool(rules) or strict
     if markdown is not None and markdown != "-" and distributed.is_leader():
         check_output_path(markdown, "--markdown")
-    err = _stderr()
-    out = _stdout(to_stderr=json_path == "-")
-    progress = _Progress(quiet)
-    dev, why = resolve_device(device)
 
     def on_plan(plan: Any, base_src: Any, tuned_src: Any) -> None:
         if not quiet:
@@ -429,18 +434,12 @@ def consistency(
 ) -> None:
     """Do several fine-tunes of one base update the same weights? Compares their bf16 update masks."""
     from weightdiff import consistency as cons
-    from weightdiff.engine import resolve_device
     from weightdiff.errors import InputError
-    from weightdiff.writers import check_output_path, write_json
+    from weightdiff.writers import write_json
 
     if len(runs) < 2:
         raise InputError(f"consistency needs BASE and at least two runs, got {len(runs)} run")
-    if json_path is not None and json_path != "-" and distributed.is_leader():
-        check_output_path(json_path, "--json")
-    err = _stderr()
-    out = _stdout(to_stderr=json_path == "-")
-    progress = _Progress(quiet)
-    dev, why = resolve_device(device)
+    err, out, progress, (dev, why) = _session(json_path, quiet, device)
 
     def on_plan(plan: Any, base_src: Any, run_srcs: Any) -> None:
         if not quiet:
