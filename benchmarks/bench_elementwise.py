@@ -2,7 +2,10 @@
 
 Each contender runs in its own process, so that peak resident memory (ru_maxrss from wait4) is its own; the page
 cache is warmed first, so every contender reads from memory. Contenders:
-- read:       read every tensor of both files once through safetensors' ``safe_open`` (the read floor);
+- read:       read every tensor of both files once through safetensors' ``safe_open`` as torch tensors (the
+              read floor, as a PyTorch user reads a checkpoint: the torch import included);
+- read_raw:   read both files' bytes into a reused 64 MiB buffer with plain Python file reads: no framework,
+              no torch import, no tensor made (the lowest floor);
 - naive:      load both state dicts whole with ``safetensors.torch.load_file`` and compare tensor by tensor
               (changed count and float64 update norm per tensor), as the simple scripts do;
 - weightdiff: ``weightdiff compare BASE TUNED --no-spectral -o report.parquet``.
@@ -29,6 +32,16 @@ for path in sys.argv[1:3]:
         for k in f.keys():
             n += f.get_tensor(k).numel()
 print(json.dumps({"work_s": time.perf_counter() - t, "elements": n}))
+"""
+
+READ_RAW = """
+import sys, time, json
+t = time.perf_counter(); n = 0; buf = memoryview(bytearray(64 << 20))
+for path in sys.argv[1:3]:
+    with open(path + "/model.safetensors", "rb", buffering=0) as f:
+        while (k := f.readinto(buf)):
+            n += k
+print(json.dumps({"work_s": time.perf_counter() - t, "bytes": n}))
 """
 
 NAIVE = """
@@ -80,6 +93,7 @@ def main() -> None:
     report = args.dir / "report.parquet"
     contenders = {
         "read": [sys.executable, "-c", READ, str(base), str(tuned)],
+        "read_raw": [sys.executable, "-c", READ_RAW, str(base), str(tuned)],
         "naive": [sys.executable, "-c", NAIVE, str(base), str(tuned)],
         "weightdiff": [
             sys.executable,
@@ -123,6 +137,7 @@ def main() -> None:
             {
                 "weightdiff_vs_naive_wall": round(w["wall_s"] / n["wall_s"], 3),
                 "weightdiff_vs_read_wall": round(w["wall_s"] / rd["wall_s"], 3),
+                "weightdiff_vs_read_raw_wall": round(w["wall_s"] / best["read_raw"]["wall_s"], 3),
                 "weightdiff_vs_naive_peak_rss": round(w["peak_rss_mb"] / n["peak_rss_mb"], 3),
             }
         )

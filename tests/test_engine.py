@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import threading
 
 import pytest
 import torch
 
 from tests.conftest import llama_like, perturb, write_checkpoint
+from weightdiff import engine
 from weightdiff.engine import EngineOptions, Reader, ReadJob, compare_pairs, memory_plan, resolve_device
 from weightdiff.errors import InputError
 from weightdiff.pairing import make_plan
+from weightdiff.sources.base import bytes_to_tensor
 from weightdiff.sources.local import LocalSource
 
 
@@ -79,3 +84,105 @@ def test_resolve_device():
             resolve_device("cuda")
     with pytest.raises(InputError, match="is not a device"):
         resolve_device("gpu0")
+
+
+class _Recording(LocalSource):
+    """A local source that logs reads and releases, and can refuse stored bytes (as computed sources do)."""
+
+    def __init__(self, path, log, name, buffers=True):
+        super().__init__(path)
+        self.log, self.name, self.buffers = log, name, buffers
+
+    def read_buffer(self, info):
+        if not self.buffers:
+            return None
+        self.log.append(("read", self.name, info.name, info.nbytes))
+        return super().read_buffer(info)
+
+    def read(self, info):
+        self.log.append(("read", self.name, info.name, info.nbytes))
+        return bytes_to_tensor(LocalSource.read_buffer(self, info), info)
+
+    def release(self, info):
+        self.log.append(("release", self.name, info.name, info.nbytes))
+        super().release(info)
+
+
+def _mixed_pair(tmp_path):
+    # bf16 matrices, an fp32-vs-bf16 pair, an fp16 pair, and fp8 tensors (no scales: the kernel does not take
+    # fp8, so those pairs go through torch on the fused path).
+    base = llama_like(layers=2)
+    tuned = perturb(base)
+    base["extra.fp32_vs_bf16.weight"] = torch.randn(40, 24)
+    tuned["extra.fp32_vs_bf16.weight"] = (base["extra.fp32_vs_bf16.weight"] * 1.001).to(torch.bfloat16)
+    base["extra.half.weight"] = torch.randn(8, 300).half()
+    tuned["extra.half.weight"] = (base["extra.half.weight"].float() + 1e-3).half()
+    base["extra.fp8.weight"] = torch.randn(16, 16).to(torch.float8_e4m3fn)
+    tuned["extra.fp8.weight"] = (base["extra.fp8.weight"].float() * 1.1).to(torch.float8_e4m3fn)
+    write_checkpoint(tmp_path / "b.safetensors", base)
+    write_checkpoint(tmp_path / "t.safetensors", tuned)
+    return tmp_path / "b.safetensors", tmp_path / "t.safetensors"
+
+
+@pytest.mark.skipif(not engine.fused.available(), reason="the C kernel is not built in this install")
+@pytest.mark.parametrize("buffers", [True, False])
+def test_fused_path_matches_the_tensor_path(tmp_path, monkeypatch, buffers):
+    bp, tp = _mixed_pair(tmp_path)
+    log: list = []
+    b, t = _Recording(bp, log, "b", buffers), _Recording(tp, log, "t", buffers)
+    plan = make_plan(b.tensors(), t.tensors())
+    budget = 3000
+    got = list(compare_pairs(b, t, plan, EngineOptions(spectral=False, device="cpu", prefetch_bytes=budget)))
+    monkeypatch.setattr(engine.fused, "available", lambda: False)  # forces the tensor path
+    want = list(
+        compare_pairs(LocalSource(bp), LocalSource(tp), plan, EngineOptions(spectral=False, device="cpu"))
+    )
+    assert [r["name"] for r in got] == [p.name for p in plan.pairs]
+    for g, w in zip(got, want, strict=True):
+        for key, value in w.items():
+            if isinstance(value, float):
+                assert g[key] == pytest.approx(value, rel=1e-12, abs=1e-300), (g["name"], key)
+            else:
+                assert g[key] == value, (g["name"], key)
+    # Every read is released, in plan order, and the bytes held at once stay within the budget (or one pair).
+    held, peak = 0, 0
+    for op, _side, _name, nbytes in log:
+        held += nbytes if op == "read" else -nbytes
+        peak = max(peak, held)
+    assert held == 0
+    assert peak <= max(budget, max(p.nbytes for p in plan.pairs)) + max(p.nbytes for p in plan.pairs)
+    released = [name for op, side, name, _ in log if op == "release" and side == "b"]
+    assert released == [p.name for p in plan.pairs]
+
+
+def test_device_name_never_imports_torch_for_the_cpu(tmp_path):
+    bp, tp = _mixed_pair(tmp_path)
+    code = (
+        "import sys\n"
+        "from weightdiff.cli import app\n"
+        "try:\n"
+        f"    app(['compare', {str(bp)!r}, {str(tp)!r}, '--no-spectral', '-q', '--device', sys.argv[1],"
+        f" '-o', {str(tmp_path / 'r.parquet')!r}, '--exclude', '*fp8*'])\n"
+        "except SystemExit as e:\n"
+        "    assert not e.code, e.code\n"
+        "print('torch' in sys.modules)\n"
+    )
+    env = {**os.environ, "NO_COLOR": "1"}
+    out = subprocess.run(
+        [sys.executable, "-c", code, "cpu"], capture_output=True, text=True, env=env, check=True
+    )
+    assert out.stdout.strip().splitlines()[-1] == "False"
+    # auto looks for a GPU driver's device nodes first, and asks torch only where one exists.
+    out = subprocess.run(
+        [sys.executable, "-c", code, "auto"], capture_output=True, text=True, env=env, check=True
+    )
+    nodes = any(os.path.exists(n) for n in engine._GPU_DEVICE_NODES)
+    assert out.stdout.strip().splitlines()[-1] == str(nodes or not sys.platform.startswith("linux"))
+
+
+def test_device_name():
+    assert engine.device_name("cpu") == ("cpu", "as requested")
+    with pytest.raises(InputError, match="is not a device"):
+        engine.device_name("gpu0")
+    if not torch.cuda.is_available():
+        assert engine.device_name("auto")[0] == "cpu"

@@ -154,71 +154,107 @@ static inline __attribute__((always_inline)) void run(const void *a, int da, con
     }
 }
 
-/* Compiled twice, for AVX2 and for the x86-64 baseline, and picked at load time by the CPU's features. */
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+/* Compiled once per x86-64 level (AVX-512, AVX2, baseline) and picked at load time by the CPU's features. */
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 12
+#define MULTIVERSION __attribute__((target_clones("arch=x86-64-v4", "avx2", "default")))
+#elif defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #define MULTIVERSION __attribute__((target_clones("avx2", "default")))
 #else
 #define MULTIVERSION
 #endif
 
-/* v where m is all ones, +0.0 where m is 0: a select written as a bit mask, which vectorises. */
-static inline double keep(double v, int64_t m) { int64_t b; memcpy(&b, &v, 8); b &= m; memcpy(&v, &b, 8); return v; }
-
-/* ULP bucket of a distance d >= 1 as a sum of comparisons (vectorisable, unlike a count of leading zeros). */
-static inline int ulp_bucket_v(int32_t d) {
-    return (d > 1) + (d > 2) + (d > 4) + (d > 8) + (d > 16) + (d > 32) + (d > 64) + (d > 128);
+/* The common case, two bfloat16 tensors, in two vectorisable stages per block of BLOCK elements.
+ *
+ * Stage 1 works on the 16-bit patterns in 16-bit lanes (32 elements per AVX-512 register): numeric change,
+ * cumulative ULP-bucket counts (how many changed elements are more than 1, 2, 4, ... 128 ULPs apart). It assumes
+ * finite values: a block with a NaN or an Inf goes to bf16_block_general instead, element by element, because
+ * NaN breaks the bit-pattern shortcuts; trained weights almost never have one.
+ * Stage 2 makes the float64 sums. With every value finite, the base-only and the both-finite sums of x^2 are
+ * the same sum, and no element needs masking.
+ * The floating-point sums are reassociated across vector lanes (-fassociative-math for this file), which
+ * changes their rounding by a few units in the last place, never a count. */
+static inline __attribute__((always_inline)) void bf16_counts(const uint16_t *a, const uint16_t *b, int32_t len,
+                                                             int64_t g[9]) {
+    /* 16-bit counters: len <= BLOCK < 65536, so none can wrap. */
+    uint16_t ce = 0, g1 = 0, g2 = 0, g3 = 0, g4 = 0, g5 = 0, g6 = 0, g7 = 0, g8 = 0;
+    for (int32_t j = 0; j < len; j++) {
+        uint16_t ia = a[j], ib = b[j];
+        uint16_t ma = ia & 0x7fff, mb = ib & 0x7fff;
+        /* Finite values: +0 and -0 are equal numbers, anything else is equal only bit for bit. */
+        uint16_t ch = (ia != ib) & ((ma | mb) != 0);
+        /* ULP distance on the ordered number line, capped at 129 (everything above 128 is one bucket): the
+         * magnitudes' difference when the signs agree, the sum of the capped magnitudes when they differ. */
+        uint16_t dsame = ma > mb ? ma - mb : mb - ma;
+        uint16_t ka = ma < 129 ? ma : 129, kb = mb < 129 ? mb : 129;
+        uint16_t dist = ((ia ^ ib) & 0x8000) ? (uint16_t)(ka + kb) : dsame;
+        uint16_t m = -ch;
+        ce += ch;
+        g1 += (dist > 1) & m; g2 += (dist > 2) & m; g3 += (dist > 4) & m; g4 += (dist > 8) & m;
+        g5 += (dist > 16) & m; g6 += (dist > 32) & m; g7 += (dist > 64) & m; g8 += (dist > 128) & m;
+    }
+    g[0] = ce; g[1] = g1; g[2] = g2; g[3] = g3; g[4] = g4; g[5] = g5; g[6] = g6; g[7] = g7; g[8] = g8;
 }
 
-/* The common case, two bfloat16 tensors, written so that the compiler vectorises the element loop: no
- * branches, selects as bit masks, max |d| as an integer max over the bit patterns of non-negative doubles
- * (integer order is numeric order there), bf16 rounding skipped (it is the identity), finiteness read off the
- * exponent bits. The floating-point sums are reassociated across vector lanes (-fassociative-math for this
- * file), which changes their rounding by a few units in the last place, never a count. */
+/* A bfloat16 block with a NaN or an Inf somewhere: element by element, with masks. */
+static inline __attribute__((always_inline)) void bf16_block_general(const uint16_t *a, const uint16_t *b,
+                                                                     int32_t len, double atol, totals *t) {
+    double p_base = 0, p_delta = 0, p_dot = 0, p_x = 0, p_y = 0, p_max = -1.0;
+    int64_t ce = 0, ca = 0, nfa = 0, nfb = 0;
+    for (int32_t j = 0; j < len; j++) {
+        double x = bf16_to_double(a[j]), y = bf16_to_double(b[j]);
+        int fx = isfinite(x), fy = isfinite(y), both = fx & fy;
+        nfa += !fx;
+        nfb += !fy;
+        int ch = !(x == y);
+        ce += ch;
+        if (ch && both) {
+            int32_t dist = ordered(b[j]) - ordered(a[j]);
+            t->hist[ulp_bucket((uint32_t)(dist < 0 ? -dist : dist))]++;
+        }
+        double d = y - x;
+        ca += !(fabs(d) <= atol);
+        if (fx) p_base += x * x;
+        if (both) {
+            p_delta += d * d; p_dot += x * y; p_x += x * x; p_y += y * y;
+            if (fabs(d) > p_max) p_max = fabs(d);
+        }
+    }
+    t->ce += ce; t->cb += ce; t->ca += ca; t->nfa += nfa; t->nfb += nfb;
+    t->s_base += p_base; t->s_delta += p_delta; t->s_dot += p_dot; t->s_x += p_x; t->s_y += p_y;
+    if (p_max > t->dmax) t->dmax = p_max;
+}
+
 MULTIVERSION static void run_bf16(const uint16_t *A, const uint16_t *B, int64_t n, double atol, totals *t) {
-    uint8_t bucket[BLOCK];
     for (int64_t start = 0; start < n; start += BLOCK) {
-        int64_t len = n - start < BLOCK ? n - start : BLOCK;
+        int32_t len = (int32_t)(n - start < BLOCK ? n - start : BLOCK);
         const uint16_t *a = A + start, *b = B + start;
-        double p_base = 0, p_delta = 0, p_dot = 0, p_x = 0, p_y = 0; int64_t p_max = -1; int32_t nboth = 0;
-        int32_t ce = 0, ca = 0, nfa = 0, nfb = 0;
-        for (int64_t j = 0; j < len; j++) {
-            uint32_t ua = (uint32_t)a[j] << 16, ub = (uint32_t)b[j] << 16;
-            float xf, yf;
-            memcpy(&xf, &ua, 4); memcpy(&yf, &ub, 4);
-            int32_t fx = (a[j] & 0x7f80) != 0x7f80, fy = (b[j] & 0x7f80) != 0x7f80;
-            int32_t both = fx & fy;
-            nfa += 1 - fx; nfb += 1 - fy;
-            int32_t ch = !(xf == yf);
-            ce += ch;
-            int32_t ia = a[j], ib = b[j];
-            int32_t oa = (ia & 0x8000) ? -(ia & 0x7fff) : ia;
-            int32_t ob = (ib & 0x8000) ? -(ib & 0x7fff) : ib;
-            int32_t dist = ob - oa; dist = dist < 0 ? -dist : dist;
-            bucket[j] = (uint8_t)((ch & both) ? ulp_bucket_v(dist) : 9);
-            double x = xf, y = yf;
-            double d = y - x;
-            ca += !(fabs(d) <= atol);
-            int64_t mx = -(int64_t)fx, mb = -(int64_t)both;
-            double x1 = keep(x, mx);
-            p_base += x1 * x1;
-            double x2 = keep(x, mb), y2 = keep(y, mb), d2 = keep(d, mb);
-            p_delta += d2 * d2; p_dot += x2 * y2; p_x += x2 * x2; p_y += y2 * y2;
-            /* max |d| on the bit patterns: for non-negative doubles, integer order is numeric order, and an
-             * integer max reduction vectorises where a floating one (with its NaN rules) does not. */
-            double ad = fabs(d2);
+        /* The finiteness check is a loop of its own: folded into stage 1, it stopped GCC vectorising that. */
+        uint16_t nf = 0;
+        for (int32_t j = 0; j < len; j++) nf |= ((a[j] & 0x7f80) == 0x7f80) | ((b[j] & 0x7f80) == 0x7f80);
+        if (nf) {
+            bf16_block_general(a, b, len, atol, t);
+            continue;
+        }
+        int64_t g[9];
+        bf16_counts(a, b, len, g);
+        for (int k = 0; k < 8; k++) t->hist[k] += g[k] - g[k + 1];
+        t->hist[8] += g[8];
+        double p_x = 0, p_delta = 0, p_dot = 0, p_y = 0;
+        int64_t p_max = 0, ca = 0;
+        for (int32_t j = 0; j < len; j++) {
+            double x = bf16_to_double(a[j]), y = bf16_to_double(b[j]), d = y - x;
+            p_x += x * x; p_y += y * y; p_dot += x * y; p_delta += d * d;
+            double ad = fabs(d);
+            ca += !(ad <= atol);
+            /* max |d| as an integer max over the bit patterns of non-negative doubles (integer order is
+             * numeric order there), which vectorises where a floating max with its NaN rules does not. */
             int64_t adb; memcpy(&adb, &ad, 8);
             p_max = adb > p_max ? adb : p_max;
-            nboth += both;
         }
-        int64_t h[4][10] = {{0}};
-        int64_t j = 0;
-        for (; j + 4 <= len; j += 4) { h[0][bucket[j]]++; h[1][bucket[j+1]]++; h[2][bucket[j+2]]++; h[3][bucket[j+3]]++; }
-        for (; j < len; j++) h[0][bucket[j]]++;
-        for (int k = 0; k < 9; k++) t->hist[k] += h[0][k] + h[1][k] + h[2][k] + h[3][k];
-        t->ce += ce; t->cb += ce; t->ca += ca; t->nfa += nfa; t->nfb += nfb;
-        t->s_base += p_base; t->s_delta += p_delta; t->s_dot += p_dot; t->s_x += p_x; t->s_y += p_y;
+        t->ce += g[0]; t->cb += g[0]; t->ca += ca;
+        t->s_base += p_x; t->s_delta += p_delta; t->s_dot += p_dot; t->s_x += p_x; t->s_y += p_y;
         double bm; memcpy(&bm, &p_max, 8);
-        if (nboth && bm > t->dmax) t->dmax = bm;
+        if (bm > t->dmax) t->dmax = bm;
     }
 }
 

@@ -163,12 +163,12 @@ class _Progress:
 def _session(json_path: str | None, quiet: bool, device: str) -> tuple[Console, Console, _Progress, Any]:
     """What every computing command sets up first: the --json path checked (on rank 0, before any work), the
     two consoles (the summary moves to stderr when --json writes to stdout), progress, and the device."""
-    from weightdiff.engine import resolve_device
+    from weightdiff.engine import device_name
     from weightdiff.writers import check_output_path
 
     if json_path is not None and json_path != "-" and distributed.is_leader():
         check_output_path(json_path, "--json")
-    return _stderr(), _stdout(to_stderr=json_path == "-"), _Progress(quiet), resolve_device(device)
+    return _stderr(), _stdout(to_stderr=json_path == "-"), _Progress(quiet), device_name(device)
 
 
 def _version_callback(value: bool) -> None:

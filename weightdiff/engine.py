@@ -1,29 +1,42 @@
 """The streaming engine: pairs in, report rows out, with bounded memory.
 
-One background reader thread fetches the next pairs' bytes (a view of a memory map faulted in, a Hub range
-read, or a pinned host copy for CUDA) while the current pair is computed, bounded by bytes so that memory does
-not grow with the model. The compute side moves a pair to the chosen device, calls the pure metric functions,
-and hands the source back the pair's data so it can drop it. The engine knows nothing about files, the CLI or
-output formats: it yields rows (dicts keyed by the report schema's column names).
+Two ways through, one contract (rows in plan order, at most a byte budget of tensor data held at once, each
+pair's data handed back to its source as soon as its row is made):
+
+- the tensor path, for GPUs and spectral metrics: a background reader thread fetches the next pairs' tensors
+  (a view of a memory map faulted in, or a Hub range read) while the current pair is moved to the device and
+  computed by the pure metric functions;
+- the fused path, for element-wise metrics on the CPU: each pair's stored bytes go straight to the C kernel
+  (metrics/fused.py), split into chunks that a thread pool runs while the next pairs are read. It never imports
+  torch, and the pool's threads fault the mapped pages in themselves, in parallel. A pair whose source makes
+  its tensors (a merged adapter, dequantised FP8) or whose dtype the kernel does not take goes through torch.
+
+The engine knows nothing about files, the CLI or output formats: it yields rows (dicts keyed by the report
+schema's column names).
 """
 
 from __future__ import annotations
 
+import os
 import queue
+import sys
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from weightdiff.errors import InputError, WeightdiffError
-from weightdiff.metrics.elementwise import DEFAULT_ATOL, elementwise_metrics
+from weightdiff.metrics import fused
+from weightdiff.metrics.fused import DEFAULT_ATOL
 from weightdiff.naming import expert_of, layer_of, module_of
 from weightdiff.pairing import Pair, Plan
 from weightdiff.sources.base import Source
 from weightdiff.sources.format import TensorInfo
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass
@@ -67,8 +80,32 @@ class Timings:
     extras: dict[str, float] = field(default_factory=dict)
 
 
+# Device nodes of the GPU drivers torch can use on Linux: NVIDIA, AMD ROCm, and WSL2's GPU bridge.
+_GPU_DEVICE_NODES = ("/dev/nvidiactl", "/dev/nvidia0", "/dev/kfd", "/dev/dxg")
+
+
+def _surely_no_gpu() -> bool:
+    """Whether this machine certainly has no GPU torch could use, decided without importing torch (about a
+    second of start-up): on Linux, no GPU driver's device node exists. Anywhere else, torch is asked."""
+    if not sys.platform.startswith("linux") or "torch" in sys.modules:
+        return False
+    return not any(os.path.exists(node) for node in _GPU_DEVICE_NODES)
+
+
+def device_name(spec: str) -> tuple[str, str]:
+    """Like ``resolve_device``, as a string (``cpu``, ``cuda:0``), and without importing torch for the CPU."""
+    if spec == "cpu":
+        return "cpu", "as requested"
+    if spec == "auto" and _surely_no_gpu():
+        return "cpu", "auto: no CUDA device, using the CPU"
+    device, why = resolve_device(spec)
+    return str(device), why
+
+
 def resolve_device(spec: str) -> tuple[torch.device, str]:
     """The torch device for ``--device`` and a sentence saying why it was chosen."""
+    import torch
+
     if spec == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda"), f"auto: CUDA is available ({torch.cuda.get_device_name(0)})"
@@ -177,6 +214,8 @@ class Reader:
         self.thread.start()
 
     def _load(self, source: Source, info: TensorInfo) -> torch.Tensor:
+        import torch
+
         t = source.read(info)
         if self.pin:
             pinned = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
@@ -243,8 +282,113 @@ def compare_pairs(
     spectra: list[dict[str, Any]] | None = None,
 ) -> Iterator[dict[str, Any]]:
     """Yield one report row per planned pair, in plan order."""
-    device, _why = resolve_device(options.device)
+    device, _why = device_name(options.device)
     timings = timings if timings is not None else Timings()
+    mem = memory_plan(plan, options)
+    if device == "cpu" and not options.spectral and fused.available():
+        yield from _fused_rows(base, tuned, plan, options, mem, on_progress, timings)
+    else:
+        yield from _tensor_rows(base, tuned, plan, options, mem, device, on_progress, timings, spectra)
+
+
+@dataclass
+class _Pending:
+    """A pair on the fused path: its row so far, the buffers the kernel reads, and the kernel's futures."""
+
+    pair: Pair
+    nbytes: int
+    row: dict[str, Any]
+    keep: tuple[Any, ...] = ()
+    futures: list[Any] = field(default_factory=list)
+
+
+def _fused_rows(
+    base: Source,
+    tuned: Source,
+    plan: Plan,
+    options: EngineOptions,
+    mem: MemoryPlan,
+    on_progress: Callable[[Pair], None] | None,
+    timings: Timings,
+) -> Iterator[dict[str, Any]]:
+    import numpy as np
+
+    window: deque[_Pending] = deque()
+    held = 0
+
+    def finish(p: _Pending) -> dict[str, Any]:
+        t0 = time.perf_counter()
+        if p.futures:
+            p.row.update(fused.collect(p.futures, p.pair.base.numel))
+        timings.compute += time.perf_counter() - t0
+        p.keep = ()
+        base.release(p.pair.base)
+        tuned.release(p.pair.tuned)
+        if on_progress is not None:
+            on_progress(p.pair)
+        return p.row
+
+    try:
+        for pair in plan.pairs:
+            t0 = time.perf_counter()
+            codes = fused.DTYPE_CODES.get(pair.base.dtype), fused.DTYPE_CODES.get(pair.tuned.dtype)
+            bx = by = None
+            if None not in codes:
+                bx, by = base.read_buffer(pair.base), tuned.read_buffer(pair.tuned)
+            timings.read_wait += time.perf_counter() - t0
+            entry = _Pending(pair, pair.nbytes, identity_columns(pair))
+            if bx is None or by is None or codes[0] is None or codes[1] is None:
+                # A computed tensor, or a dtype the kernel does not take: torch, right here.
+                from weightdiff.metrics.elementwise import elementwise_metrics
+
+                t1 = time.perf_counter()
+                x, y = base.read(pair.base), tuned.read(pair.tuned)
+                entry.row.update(elementwise_metrics(x, y, atol=options.atol, chunk=mem.chunk))
+                del x, y
+                timings.compute += time.perf_counter() - t1
+            else:
+                ax, ay = np.frombuffer(bx, dtype=np.uint8), np.frombuffer(by, dtype=np.uint8)
+                entry.keep = (bx, by, ax, ay)
+                entry.futures = fused.submit(
+                    ax.ctypes.data, codes[0], ay.ctypes.data, codes[1], pair.base.numel, options.atol
+                )
+            window.append(entry)
+            held += entry.nbytes
+            # Rows leave in plan order; the oldest pair is waited for once the window holds the byte budget.
+            while window and (held > mem.prefetch_bytes or all(f.done() for f in window[0].futures)):
+                done = window.popleft()
+                held -= done.nbytes
+                yield finish(done)
+        while window:
+            done = window.popleft()
+            held -= done.nbytes
+            yield finish(done)
+    finally:
+        # On an error or an abandoned iteration, let the kernel finish with the buffers before they go.
+        for p in window:
+            for f in p.futures:
+                f.cancel()
+            for f in p.futures:
+                if not f.cancelled():
+                    f.exception()
+
+
+def _tensor_rows(
+    base: Source,
+    tuned: Source,
+    plan: Plan,
+    options: EngineOptions,
+    mem: MemoryPlan,
+    device_spec: str,
+    on_progress: Callable[[Pair], None] | None,
+    timings: Timings,
+    spectra: list[dict[str, Any]] | None,
+) -> Iterator[dict[str, Any]]:
+    import torch
+
+    from weightdiff.metrics.elementwise import elementwise_metrics
+
+    device = torch.device(device_spec)
     spectral_fn = None
     if options.spectral:
         from weightdiff.metrics.spectral import SpectralOptions, spectral_metrics
@@ -256,7 +400,6 @@ def compare_pairs(
     jobs = [ReadJob(pair, ((base, pair.base), (tuned, pair.tuned))) for pair in plan.pairs]
     # No pinned staging buffers: on the H100 run (docs/performance.md) allocating pinned memory per tensor cost
     # more than it saved; a plain copy from the page-cache-backed map runs at about 8.5 GB/s.
-    mem = memory_plan(plan, options)
     reader = Reader(jobs, mem.prefetch_bytes, pin=False, timings=timings)
     try:
         for job, (x, y) in reader:

@@ -14,9 +14,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator, Sequence
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from weightdiff.matching import RenameRule, ResizedPair, build_plan, tie_flag
 from weightdiff.pairing import Pair, Plan
@@ -25,6 +23,9 @@ from weightdiff.sources.adapter import AdapterSource, is_adapter_dir
 from weightdiff.sources.base import Source
 from weightdiff.sources.quant import FP8_DTYPES, Fp8Source, read_stored
 from weightdiff.sources.rows import row_slice
+
+if TYPE_CHECKING:
+    import torch
 
 #: Elements per chunk when counting or summing on the host: bounds the temporaries, not the result.
 _CHUNK = 1 << 24
@@ -76,6 +77,8 @@ def plan_for(
 
 
 def _sum_squares_finite(t: torch.Tensor) -> float:
+    import torch
+
     flat = t.reshape(-1)
     total = 0.0
     for s in range(0, flat.numel(), _CHUNK):
@@ -86,6 +89,8 @@ def _sum_squares_finite(t: torch.Tensor) -> float:
 
 
 def _count_bits_changed(x: torch.Tensor, y: torch.Tensor) -> int:
+    import torch
+
     a, b = x.reshape(-1).view(torch.uint8), y.reshape(-1).view(torch.uint8)
     return sum(int((a[s : s + _CHUNK] != b[s : s + _CHUNK]).sum()) for s in range(0, a.numel(), _CHUNK))
 

@@ -16,7 +16,7 @@ from tests import reference
 from weightdiff.metrics import elementwise as E
 from weightdiff.metrics.elementwise import common_dtype, elementwise_metrics, round_to_bf16
 
-PATHS = [True, False] if E._kernels is not None else [False]
+PATHS = [True, False] if E.fused.available() else [False]
 
 
 def f32(bits: int) -> float:
@@ -165,6 +165,25 @@ def test_fp64_bf16_rounding_matches_exact_rule():
         assert abs(y - x) <= abs(up - x) and abs(y - x) <= abs(down - x)
 
 
+def assert_matches_reference(got: dict, ref: dict, rel: float, context: object) -> None:
+    """Every count equal to the float64 reference's; every finite norm within ``rel``."""
+    for key in (
+        "changed_exact",
+        "changed_bf16",
+        "changed_atol",
+        "hidden_by_bf16",
+        "ulp_hist",
+        "nonfinite_base",
+        "nonfinite_tuned",
+        "numel",
+    ):
+        assert got[key] == ref[key], (key, context)
+    for key in ("delta_fro", "base_fro", "delta_max", "cosine"):
+        if ref[key] is None or not math.isfinite(ref[key]):
+            continue
+        assert got[key] == pytest.approx(ref[key], rel=rel, abs=1e-300), (key, context)
+
+
 finite_f32 = st.floats(width=32, allow_nan=True, allow_infinity=True, allow_subnormal=True)
 
 
@@ -183,21 +202,7 @@ def test_matches_float64_reference(a, data):
         ref = reference.elementwise(ta.float().numpy(), tb.float().numpy())
         for use_kernel in PATHS:
             got = elementwise_metrics(ta, tb, use_kernel=use_kernel)
-            for key in (
-                "changed_exact",
-                "changed_bf16",
-                "changed_atol",
-                "hidden_by_bf16",
-                "ulp_hist",
-                "nonfinite_base",
-                "nonfinite_tuned",
-                "numel",
-            ):
-                assert got[key] == ref[key], (key, dtype, use_kernel)
-            for key in ("delta_fro", "base_fro", "delta_max", "cosine"):
-                if ref[key] is None or not math.isfinite(ref[key]):
-                    continue
-                assert got[key] == pytest.approx(ref[key], rel=1e-9, abs=1e-300), (key, dtype, use_kernel)
+            assert_matches_reference(got, ref, 1e-9, (dtype, use_kernel))
 
 
 def test_large_tensor_chunks_agree_with_reference():
@@ -210,3 +215,33 @@ def test_large_tensor_chunks_agree_with_reference():
         assert got["changed_bf16"] == ref["changed_bf16"] and got["ulp_hist"] == ref["ulp_hist"]
         assert got["delta_fro"] == pytest.approx(ref["delta_fro"], rel=1e-12)
         assert got["cosine"] == pytest.approx(ref["cosine"], rel=1e-12)
+
+
+def _bits_to_bf16_tensor(bits: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(bits.astype(np.uint16).view(np.int16).copy()).view(torch.bfloat16)
+
+
+@pytest.mark.parametrize("poison", [False, True])
+def test_bf16_blocks_against_reference(poison):
+    # Several kernel blocks of bf16 bit patterns from the whole finite range (subnormals, both zeros, huge
+    # values), with tuned = base moved by 1 to 300 ULPs, across zero, sign-flipped, or left alone. With
+    # poison, some blocks hold a NaN or an Inf, which sends just those blocks down the general path.
+    rng = np.random.default_rng(11)
+    n = 4096 * 5 + 123
+    a = rng.integers(0, 1 << 16, n, dtype=np.uint32)
+    a = np.where((a & 0x7F80) == 0x7F80, a & ~np.uint32(0x4000), a).astype(np.int64)  # finite only
+    kind = rng.integers(0, 5, n)
+    step = rng.integers(-300, 301, n)
+    b = a.copy()
+    b = np.where(kind == 1, a ^ 0x8000, b)  # sign flip: +0 <-> -0 stays equal, the rest cross zero
+    ordered_a = np.where(a & 0x8000, -(a & 0x7FFF), a)
+    moved = np.clip(ordered_a + step, -0x7F7F, 0x7F7F)
+    moved_bits = np.where(moved < 0, 0x8000 | -moved, moved)
+    b = np.where(kind >= 2, moved_bits, b)
+    a[:4], b[:4] = [0x0000, 0x8000, 0x0001, 0x8001], [0x8000, 0x0000, 0x8001, 0x0001]
+    if poison:
+        a[4096 + 7], b[2 * 4096 + 9], a[3 * 4096 + 1], b[3 * 4096 + 1] = 0x7FC0, 0xFF80, 0x7F80, 0x7F80
+    ta, tb = _bits_to_bf16_tensor(a), _bits_to_bf16_tensor(b)
+    ref = reference.elementwise(ta.float().numpy(), tb.float().numpy())
+    for use_kernel in PATHS:
+        assert_matches_reference(elementwise_metrics(ta, tb, use_kernel=use_kernel), ref, 1e-12, use_kernel)

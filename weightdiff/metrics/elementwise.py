@@ -11,20 +11,17 @@ once per operation.
 from __future__ import annotations
 
 import math
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
 
-try:
-    from weightdiff import _kernels  # type: ignore[attr-defined]
-except ImportError:  # built without a C compiler: the torch path below computes the same numbers
-    _kernels = None
+from weightdiff.metrics import fused
+from weightdiff.metrics.fused import DEFAULT_ATOL, ULP_BUCKETS, finish
 
-ULP_BUCKETS = ("1", "2", "3-4", "5-8", "9-16", "17-32", "33-64", "65-128", ">=129")
+__all__ = ["DEFAULT_ATOL", "ULP_BUCKETS", "ElementwiseAccumulator", "elementwise_metrics", "finish"]
+
 # Upper edges of the ULP buckets: bucketize(d, edges) puts d=1 in 0, d=2 in 1, 3..4 in 2, ..., >=129 in 8.
 _ULP_EDGES = (1, 2, 4, 8, 16, 32, 64, 128)
-DEFAULT_ATOL = 1e-5
 
 # Which floating dtypes hold every value of which others exactly. Used to pick the type two checkpoints are
 # compared in: the narrower side is upcast without rounding, and no value is ever rounded before comparison.
@@ -158,53 +155,7 @@ class ElementwiseAccumulator:
         return finish(self.numel, counts, self.ulp_hist, sums, delta_max)
 
 
-def finish(
-    n: int, counts: list[int], ulp_hist: list[int], sums: list[float], delta_max: float
-) -> dict[str, object]:
-    """Turn raw totals into report columns.
-
-    ``counts`` = [changed_exact, changed_bf16, nonfinite_base, nonfinite_tuned, changed_atol];
-    ``sums`` = float64 [sum W0^2 (finite W0), sum dW^2, <W0, W+>, sum W0^2, sum W+^2 (the last three over
-    entries finite in both)]; ``delta_max`` is negative or NaN when no entry is finite in both.
-    """
-    changed_exact, changed_bf16, nonfinite_base, nonfinite_tuned, changed_atol = counts
-    base2, delta2, dot, nx2, ny2 = sums
-    base_fro, delta_fro = math.sqrt(base2), math.sqrt(delta2)
-    cos_den = math.sqrt(nx2) * math.sqrt(ny2)
-    return {
-        "numel": n,
-        "changed_exact": changed_exact,
-        "changed_bf16": changed_bf16,
-        "changed_atol": changed_atol,
-        "sparsity_exact": 1 - changed_exact / n if n else None,
-        "sparsity_bf16": 1 - changed_bf16 / n if n else None,
-        "sparsity_atol": 1 - changed_atol / n if n else None,
-        "hidden_by_bf16": changed_exact - changed_bf16,
-        "ulp_hist": [int(v) for v in ulp_hist],
-        "delta_fro": delta_fro,
-        "base_fro": base_fro,
-        "rel_delta": delta_fro / base_fro if base_fro > 0 else None,
-        "delta_max": delta_max if delta_max >= 0 else None,
-        "cosine": dot / cos_den if cos_den > 0 else None,
-        "nonfinite_base": nonfinite_base,
-        "nonfinite_tuned": nonfinite_tuned,
-    }
-
-
 _KERNEL_DTYPES = {torch.float64: 0, torch.float32: 1, torch.float16: 2, torch.bfloat16: 3}
-# Elements per kernel call: large enough that call overhead vanishes, small enough to split a tensor across
-# the worker threads.
-_KERNEL_CHUNK = 1 << 22
-_pool: ThreadPoolExecutor | None = None
-
-
-def _kernel_pool() -> ThreadPoolExecutor:
-    global _pool
-    if _pool is None:
-        _pool = ThreadPoolExecutor(
-            max_workers=max(1, torch.get_num_threads()), thread_name_prefix="weightdiff"
-        )
-    return _pool
 
 
 def _kernel_operand(t: torch.Tensor) -> torch.Tensor:
@@ -215,34 +166,12 @@ def _kernel_operand(t: torch.Tensor) -> torch.Tensor:
 
 
 def _elementwise_kernel(x: torch.Tensor, y: torch.Tensor, atol: float) -> dict[str, object]:
-    """The fused C pass over chunks in worker threads (the kernel releases the GIL)."""
-    assert _kernels is not None
+    """The fused C pass (see fused.py) over two contiguous CPU tensors."""
     x, y = _kernel_operand(x), _kernel_operand(y)
-    dx, dy = _KERNEL_DTYPES[x.dtype], _KERNEL_DTYPES[y.dtype]
-    n = x.numel()
-    spans = [(s, min(n, s + _KERNEL_CHUNK)) for s in range(0, n, _KERNEL_CHUNK)] or [(0, 0)]
-
-    def run(span: tuple[int, int]) -> tuple:
-        s, e = span
-        return _kernels.elementwise(
-            x.data_ptr() + s * x.element_size(), dx, y.data_ptr() + s * y.element_size(), dy, e - s, atol
-        )
-
-    parts = list(_kernel_pool().map(run, spans)) if len(spans) > 1 else [run(spans[0])]
-    counts = [0] * 5
-    hist = [0] * len(ULP_BUCKETS)
-    sums = [0.0] * 5
-    delta_max = -1.0
-    for ce, cb, ca, nfa, nfb, h, *rest in parts:
-        # The kernel returns (exact, bf16, atol, nonfinite_a, nonfinite_b); finish() wants atol last.
-        for i, v in enumerate((ce, cb, nfa, nfb, ca)):
-            counts[i] += v
-        for i, v in enumerate(h):
-            hist[i] += v
-        for i in range(5):
-            sums[i] += rest[i]
-        delta_max = max(delta_max, rest[5])
-    return finish(n, counts, hist, sums, delta_max)
+    futures = fused.submit(
+        x.data_ptr(), _KERNEL_DTYPES[x.dtype], y.data_ptr(), _KERNEL_DTYPES[y.dtype], x.numel(), atol
+    )
+    return fused.collect(futures, x.numel())
 
 
 def elementwise_metrics(
@@ -261,7 +190,7 @@ def elementwise_metrics(
         raise ValueError(f"shape mismatch: {tuple(base.shape)} vs {tuple(tuned.shape)}")
     dtype = common_dtype(base.dtype, tuned.dtype)
     x_all, y_all = base.reshape(-1), tuned.reshape(-1)
-    if use_kernel and x_all.device.type == "cpu" and _kernels is not None:
+    if use_kernel and x_all.device.type == "cpu" and fused.available():
         return _elementwise_kernel(x_all, y_all, atol)
     if chunk is None:
         # On a GPU the passes are cheap and each host sync is not: few, large chunks. On a CPU, chunks that

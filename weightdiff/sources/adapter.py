@@ -29,15 +29,16 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from weightdiff.errors import CheckpointFormatError, InputError, UnsupportedCheckpointError
 from weightdiff.sources.base import Source
 from weightdiff.sources.format import FLOAT_DTYPES, TensorInfo
 from weightdiff.sources.local import LocalSource
 from weightdiff.sources.quant import FP8_DTYPES, read_stored
+
+if TYPE_CHECKING:
+    import torch
 from weightdiff.sources.rows import resolve
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -231,6 +232,8 @@ class AdapterSource(Source):
 
     def delta(self, module: LoraModule) -> torch.Tensor:
         """The float32 update ``s * B @ A`` (transposed for embeddings and fan_in_fan_out) of one module."""
+        import torch
+
         a = self.adapter.read(module.a).to(torch.float32)
         b = self.adapter.read(module.b).to(torch.float32)
         d = (b @ a).mul_(module.scaling)
@@ -246,8 +249,16 @@ class AdapterSource(Source):
             return self.adapter.read(info)
         full, rows = resolve(self._tensors, info)
         w0 = self.adapter.read(full) if replaced else self.base.read(full)
+        import torch
+
         merged = (w0.to(torch.float32) + self.delta(module)).to(w0.dtype)
         return merged if rows is None else merged[rows[0] : rows[1]].clone()
+
+    def read_buffer(self, info: TensorInfo) -> memoryview | None:
+        # Tensors the adapter leaves alone are the base's bytes; merged ones are computed, so have none.
+        if info.name in self.modules or info.name in self._replaced:
+            return None
+        return self.base.read_buffer(info)
 
     def read_stored(self, info: TensorInfo) -> torch.Tensor:
         """What the merged checkpoint would store for ``info``: the base's stored values where untouched."""

@@ -10,30 +10,51 @@ from __future__ import annotations
 
 import json
 from abc import ABC, abstractmethod
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from weightdiff.errors import CheckpointFormatError
 from weightdiff.sources.format import TensorInfo
 
-#: safetensors dtype name -> torch dtype.
-TORCH_DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "F8_E4M3": torch.float8_e4m3fn,
-    "F8_E5M2": torch.float8_e5m2,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
+if TYPE_CHECKING:  # torch is imported only when a tensor is made: a CPU element-wise compare never needs it
+    import torch
+
+# safetensors dtype name -> torch dtype attribute name.
+_TORCH_DTYPE_NAMES = {
+    "F64": "float64",
+    "F32": "float32",
+    "F16": "float16",
+    "BF16": "bfloat16",
+    "F8_E4M3": "float8_e4m3fn",
+    "F8_E5M2": "float8_e5m2",
+    "I64": "int64",
+    "I32": "int32",
+    "I16": "int16",
+    "I8": "int8",
+    "U8": "uint8",
+    "BOOL": "bool",
+    "U16": "uint16",
+    "U32": "uint32",
+    "U64": "uint64",
 }
-if hasattr(torch, "uint16"):
-    TORCH_DTYPES.update({"U16": torch.uint16, "U32": torch.uint32, "U64": torch.uint64})
+
+
+def torch_dtype(name: str) -> torch.dtype | None:
+    """The torch dtype of a safetensors dtype name, or None when this torch build has none."""
+    import torch
+
+    attr = _TORCH_DTYPE_NAMES.get(name)
+    dtype = getattr(torch, attr, None) if attr else None
+    return dtype if isinstance(dtype, torch.dtype) else None
+
+
+def check_length(buf: Any, info: TensorInfo) -> memoryview:
+    """``buf`` as a memoryview, or a format error when it is not exactly ``info.nbytes`` long."""
+    view = memoryview(buf)
+    if len(view) != info.nbytes:
+        raise CheckpointFormatError(
+            f"{info.file}: tensor {info.name!r}: got {len(view)} bytes, header says {info.nbytes}"
+        )
+    return view
 
 
 def bytes_to_tensor(buf: Any, info: TensorInfo) -> torch.Tensor:
@@ -42,11 +63,10 @@ def bytes_to_tensor(buf: Any, info: TensorInfo) -> torch.Tensor:
     No copy is made when ``buf`` is writable (a copy-on-write mmap or a bytearray), so callers must keep the
     buffer alive as long as the tensor.
     """
-    if len(memoryview(buf)) != info.nbytes:
-        raise CheckpointFormatError(
-            f"{info.file}: tensor {info.name!r}: got {len(memoryview(buf))} bytes, header says {info.nbytes}"
-        )
-    dtype = TORCH_DTYPES.get(info.dtype)
+    import torch
+
+    check_length(buf, info)
+    dtype = torch_dtype(info.dtype)
     if dtype is None:
         raise CheckpointFormatError(f"{info.file}: tensor {info.name!r}: dtype {info.dtype} cannot be loaded")
     if info.numel == 0:
@@ -68,6 +88,12 @@ class Source(ABC):
     @abstractmethod
     def read(self, info: TensorInfo) -> torch.Tensor:
         """One tensor's data as a CPU tensor of its stored dtype. May be a view of a memory map."""
+
+    def read_buffer(self, info: TensorInfo) -> memoryview | None:
+        """One tensor's stored bytes exactly as ``read`` would view them, or None when this source makes its
+        tensors rather than storing them (a merged adapter, dequantized FP8). Lets the engine run the C kernel
+        on the bytes without going through torch."""
+        return None
 
     def release(self, info: TensorInfo) -> None:  # noqa: B027 - optional hook
         """Tell the source that ``info``'s data is no longer needed, so it may drop cached pages or buffers."""

@@ -37,10 +37,9 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path, PurePosixPath
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import huggingface_hub
-import torch
 from huggingface_hub import HfApi, constants, hf_hub_download, hf_hub_url
 from huggingface_hub.errors import HfHubHTTPError, HFValidationError, LocalEntryNotFoundError
 
@@ -54,6 +53,9 @@ from weightdiff.errors import (
 from weightdiff.sources.base import Source, bytes_to_tensor, load_json_config
 from weightdiff.sources.format import TensorInfo, header_length, parse_header
 from weightdiff.sources.local import CONVERT_HINT, INDEX_NAME, PICKLE_SUFFIXES, SINGLE_NAME, LocalSource
+
+if TYPE_CHECKING:
+    import torch
 
 try:  # recent huggingface_hub releases depend on ``httpx2``, 1.x on ``httpx``; the two APIs are the same.
     import httpx2 as httpx
@@ -350,9 +352,12 @@ class HubSource(Source):
         return dict(self._tensors)
 
     def read(self, info: TensorInfo) -> torch.Tensor:
+        return bytes_to_tensor(self.read_buffer(info), info)
+
+    def read_buffer(self, info: TensorInfo) -> memoryview:
         if info.file in self._locals:
             local, path = self._locals[info.file]
-            return local.read(dataclasses.replace(info, file=path))
+            return local.read_buffer(dataclasses.replace(info, file=path))
         if info.file not in self._sizes:
             raise InputError(
                 f"{self._label()}: tensor {info.name!r} names file {info.file!r}, not part of this checkpoint"
@@ -360,7 +365,7 @@ class HubSource(Source):
         buf = bytearray(info.nbytes)
         if info.nbytes:
             self._fetch_parts(info.file, info.start, info.end, memoryview(buf))
-        return bytes_to_tensor(buf, info)
+        return memoryview(buf)
 
     def release(self, info: TensorInfo) -> None:
         # Streamed tensors own their bytearray, freed with the tensor; only mapped files have pages to drop.

@@ -14,13 +14,14 @@ import json
 import mmap
 import os
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from weightdiff.errors import CheckpointFormatError, InputError, UnsupportedCheckpointError
-from weightdiff.sources.base import Source, bytes_to_tensor, load_json_config
+from weightdiff.sources.base import Source, bytes_to_tensor, check_length, load_json_config
 from weightdiff.sources.format import TensorInfo, header_length, parse_header
+
+if TYPE_CHECKING:
+    import torch
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -143,12 +144,15 @@ class LocalSource(Source):
         return mm
 
     def read(self, info: TensorInfo) -> torch.Tensor:
+        return bytes_to_tensor(self.read_buffer(info), info)
+
+    def read_buffer(self, info: TensorInfo) -> memoryview:
         mm = self._map(info.file)
         if info.end > len(mm):
             raise CheckpointFormatError(
                 f"{info.file}: truncated file (tensor {info.name!r} ends past its end)"
             )
-        return bytes_to_tensor(memoryview(mm)[info.start : info.end], info)
+        return check_length(memoryview(mm)[info.start : info.end], info)
 
     def release(self, info: TensorInfo) -> None:
         mm = self._maps.get(info.file)

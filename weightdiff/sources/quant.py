@@ -21,14 +21,15 @@ import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from weightdiff.errors import UnsupportedCheckpointError
 from weightdiff.sources.base import Source
 from weightdiff.sources.format import FLOAT_DTYPES, TensorInfo
 from weightdiff.sources.rows import resolve
+
+if TYPE_CHECKING:
+    import torch
 
 FP8_DTYPES = frozenset({"F8_E4M3", "F8_E5M2"})
 SCALE_SUFFIX = "_scale_inv"
@@ -155,6 +156,8 @@ def dequantize(codes: torch.Tensor, scale: torch.Tensor, block: tuple[int, int] 
     The fp8 -> float32 conversion is exact; the product is rounded once to float32, which is what the model's
     dequantisation kernels compute before any further cast.
     """
+    import torch
+
     w = codes.to(torch.float32)
     s = scale.to(torch.float32)
     if block is None:
@@ -193,6 +196,10 @@ class Fp8Source(Source):
         self.inner.release(spec.scale)
         # Scale blocks are aligned to whole-tensor rows, so a row slice is dequantised whole and then cut.
         return w if rows is None else w[rows[0] : rows[1]].clone()
+
+    def read_buffer(self, info: TensorInfo) -> memoryview | None:
+        # Weights with a block scale are computed (dequantised); every other tensor is the inner source's bytes.
+        return None if info.name in self.scales else self.inner.read_buffer(info)
 
     def read_stored(self, info: TensorInfo) -> torch.Tensor:
         """The stored fp8 codes of ``info`` (before scaling), for bit-level change counts."""
