@@ -155,7 +155,11 @@ static inline __attribute__((always_inline)) void run(const void *a, int da, con
 }
 
 /* Compiled once per x86-64 level (AVX-512, AVX2, baseline) and picked at load time by the CPU's features. */
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 12
+/* WEIGHTDIFF_ONE_TARGET builds the loops once, for whatever -m flags say (the tests use it to check the
+ * AVX2 and baseline code against the clone this machine picks). */
+#if defined(WEIGHTDIFF_ONE_TARGET)
+#define MULTIVERSION
+#elif defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 12
 #define MULTIVERSION __attribute__((target_clones("arch=x86-64-v4", "avx2", "default")))
 #elif defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #define MULTIVERSION __attribute__((target_clones("avx2", "default")))
