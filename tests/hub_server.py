@@ -394,7 +394,7 @@ class _Handler(BaseHTTPRequestHandler):
                 self.end_headers()
                 return None
             partial = True
-        body = data[first : last + 1]
+        body = memoryview(data)[first : last + 1]  # a view: a 16 MiB part is not copied before sending
         announced_first, announced_last = first, last
         length: int | None = len(body)
         close_after = False
@@ -407,7 +407,7 @@ class _Handler(BaseHTTPRequestHandler):
             if faults.short_body:
                 body, length, close_after = body[: len(body) // 2], None, True
             if faults.long_body:
-                body, length, close_after = body + b"\0" * 16, None, True
+                body, length, close_after = bytes(body) + b"\0" * 16, None, True
         truncate = faulty and faults.truncate_body and len(body) > 1
 
         self.send_response(206 if partial else 200)

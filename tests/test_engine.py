@@ -39,7 +39,7 @@ def test_reader_keeps_bytes_in_flight_under_budget(sources):
     infos = list(b.tensors().values())
     budget = max(i.nbytes for i in infos) * 2
     jobs = [ReadJob(i.name, ((b, i),)) for i in infos]
-    reader = Reader(jobs, budget, pin=False)
+    reader = Reader(jobs, budget)
     seen = []
     lock = threading.Lock()
     try:

@@ -223,6 +223,29 @@ def test_bytes_transferred_is_headers_plus_tensors_read(hub: FakeHub, sharded_di
         assert source.bytes_transferred < total / 4
 
 
+def test_read_buffer_recycles_released_buffers_but_never_a_tensors(hub: FakeHub, sharded_dir: Path) -> None:
+    local = LocalSource(sharded_dir)
+    want = bytes(local.read_buffer(local.tensors()["layer.0.weight"]))
+    with open_hub(hub) as source:
+        info = source.tensors()["layer.0.weight"]
+        first = source.read_buffer(info)
+        assert bytes(first) == want
+        source.release(info)
+        first.obj[:] = bytes(len(first))  # scribble on the returned buffer
+        # The next read of that size streams into the buffer just returned, and fills it afresh.
+        second = source.read_buffer(info)
+        assert second.obj is first.obj and bytes(second) == want
+        source.release(info)
+        # A tensor made by read() may outlive release(): it never gets a lent buffer.
+        tensor = source.read(info)
+        source.release(info)
+        third = source.read_buffer(info)
+        assert third.obj is first.obj
+        third.obj[:] = bytes(len(third))
+        assert _bits(tensor) == _bits(local.read(local.tensors()["layer.0.weight"]))
+    local.close()
+
+
 def test_revision_is_pinned_while_branch_moves(hub: FakeHub, sharded_dir: Path, tmp_path: Path) -> None:
     first = hub.repos["org/sharded"].refs["main"]
     with open_hub(hub) as source:

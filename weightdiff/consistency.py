@@ -382,7 +382,7 @@ def iter_consistency_rows(
     """Yield one row (CONSISTENCY_COLUMNS) per planned tensor, in plan order."""
     sources = [base, *runs]
     jobs = [ReadJob(item, tuple(zip(sources, item.infos, strict=True))) for item in plan.items]
-    reader = Reader(jobs, prefetch_bytes, pin=False)
+    reader = Reader(jobs, prefetch_bytes)
     chunk = _GPU_CHUNK if device.type == "cuda" else _CPU_CHUNK
     try:
         for job, tensors in reader:

@@ -184,6 +184,17 @@ def identity_columns(pair: Pair) -> dict[str, Any]:
 _DONE = object()
 
 
+def _load_tensor(source: Source, info: TensorInfo) -> torch.Tensor:
+    """The reader's default load: the tensor, with its pages faulted in on the reader thread so that the
+    compute side finds them resident. One byte per 4 KiB page is enough; the sum releases the GIL."""
+    import torch
+
+    t = source.read(info)
+    if t.numel():
+        t.reshape(-1).view(torch.uint8)[::4096].sum()
+    return t
+
+
 @dataclass(frozen=True)
 class ReadJob:
     """One unit of work for the reader: tensors to load together (a pair, or one tensor of one checkpoint)."""
@@ -199,12 +210,20 @@ class ReadJob:
 class Reader:
     """Background thread that loads jobs ahead of the compute side, bounded by bytes in flight.
 
-    Iterating yields ``(job, tensors)`` in job order; call ``done(job)`` once the tensors are no longer needed
-    so that the source may drop them and the next jobs may be admitted.
+    Iterating yields ``(job, loaded)`` in job order, ``loaded`` holding what ``load`` returned for each part
+    (by default a CPU tensor with its pages faulted in); call ``done(job)`` once they are no longer needed so
+    that the next jobs may be admitted and, unless ``release=False``, the sources may drop the data.
     """
 
-    def __init__(self, jobs: list[ReadJob], budget: int, pin: bool, timings: Timings | None = None) -> None:
-        self.jobs, self.budget, self.pin = jobs, budget, pin
+    def __init__(
+        self,
+        jobs: list[ReadJob],
+        budget: int,
+        timings: Timings | None = None,
+        load: Callable[[Source, TensorInfo], Any] | None = None,
+    ) -> None:
+        self.jobs, self.budget = jobs, budget
+        self.load = load if load is not None else _load_tensor
         self.timings = timings if timings is not None else Timings()
         self.queue: queue.Queue[Any] = queue.Queue()
         self.in_flight = 0
@@ -212,21 +231,6 @@ class Reader:
         self.stop = False
         self.thread = threading.Thread(target=self._run, name="weightdiff-reader", daemon=True)
         self.thread.start()
-
-    def _load(self, source: Source, info: TensorInfo) -> torch.Tensor:
-        import torch
-
-        t = source.read(info)
-        if self.pin:
-            pinned = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
-            pinned.copy_(t)
-            source.release(info)
-            return pinned
-        if t.numel():
-            # Fault the pages in here, on the reader thread, so the compute side finds them resident. One byte
-            # per 4 KiB page is enough; the sum releases the GIL while it runs.
-            t.reshape(-1).view(torch.uint8)[::4096].sum()
-        return t
 
     def _run(self) -> None:
         try:
@@ -239,7 +243,7 @@ class Reader:
                         return
                     self.in_flight += job.nbytes
                 t0 = time.perf_counter()
-                tensors = [self._load(src, info) for src, info in job.parts]
+                tensors = [self.load(src, info) for src, info in job.parts]
                 self.timings.reader_busy += time.perf_counter() - t0
                 self.queue.put((job, tensors))
         except BaseException as exc:  # handed to the compute side, which re-raises it
@@ -247,7 +251,7 @@ class Reader:
             return
         self.queue.put(_DONE)
 
-    def __iter__(self) -> Iterator[tuple[ReadJob, list[torch.Tensor]]]:
+    def __iter__(self) -> Iterator[tuple[ReadJob, list[Any]]]:
         while True:
             t0 = time.perf_counter()
             item = self.queue.get()
@@ -258,9 +262,10 @@ class Reader:
                 raise item
             yield item
 
-    def done(self, job: ReadJob) -> None:
-        for src, info in job.parts:
-            src.release(info)
+    def done(self, job: ReadJob, release: bool = True) -> None:
+        if release:
+            for src, info in job.parts:
+                src.release(info)
         with self.cond:
             self.in_flight -= job.nbytes
             self.cond.notify_all()
@@ -302,6 +307,11 @@ class _Pending:
     futures: list[Any] = field(default_factory=list)
 
 
+def _load_buffer(source: Source, info: TensorInfo) -> Any:
+    """The fused path's load: the stored bytes, when the kernel takes the dtype and the source stores them."""
+    return source.read_buffer(info) if info.dtype in fused.DTYPE_CODES else None
+
+
 def _fused_rows(
     base: Source,
     tuned: Source,
@@ -313,6 +323,12 @@ def _fused_rows(
 ) -> Iterator[dict[str, Any]]:
     import numpy as np
 
+    # The reader thread fetches stored bytes (a slice of a memory map, or a Hub download) up to half the
+    # budget ahead; the pairs whose kernel chunks are queued or running hold the other half. A pair leaves the
+    # reader's count once its chunks are queued, and goes back to its source once its row is made.
+    jobs = [ReadJob(pair, ((base, pair.base), (tuned, pair.tuned))) for pair in plan.pairs]
+    half = mem.prefetch_bytes // 2
+    reader = Reader(jobs, half, timings=timings, load=_load_buffer)
     window: deque[_Pending] = deque()
     held = 0
 
@@ -329,15 +345,10 @@ def _fused_rows(
         return p.row
 
     try:
-        for pair in plan.pairs:
-            t0 = time.perf_counter()
-            codes = fused.DTYPE_CODES.get(pair.base.dtype), fused.DTYPE_CODES.get(pair.tuned.dtype)
-            bx = by = None
-            if None not in codes:
-                bx, by = base.read_buffer(pair.base), tuned.read_buffer(pair.tuned)
-            timings.read_wait += time.perf_counter() - t0
+        for job, (bx, by) in reader:
+            pair = job.key
             entry = _Pending(pair, pair.nbytes, identity_columns(pair))
-            if bx is None or by is None or codes[0] is None or codes[1] is None:
+            if bx is None or by is None:
                 # A computed tensor, or a dtype the kernel does not take: torch, right here.
                 from weightdiff.metrics.elementwise import elementwise_metrics
 
@@ -350,12 +361,19 @@ def _fused_rows(
                 ax, ay = np.frombuffer(bx, dtype=np.uint8), np.frombuffer(by, dtype=np.uint8)
                 entry.keep = (bx, by, ax, ay)
                 entry.futures = fused.submit(
-                    ax.ctypes.data, codes[0], ay.ctypes.data, codes[1], pair.base.numel, options.atol
+                    ax.ctypes.data,
+                    fused.DTYPE_CODES[pair.base.dtype],
+                    ay.ctypes.data,
+                    fused.DTYPE_CODES[pair.tuned.dtype],
+                    pair.base.numel,
+                    options.atol,
                 )
+            del bx, by
+            reader.done(job, release=False)
             window.append(entry)
             held += entry.nbytes
-            # Rows leave in plan order; the oldest pair is waited for once the window holds the byte budget.
-            while window and (held > mem.prefetch_bytes or all(f.done() for f in window[0].futures)):
+            # Rows leave in plan order; the oldest pair is waited for once the window holds its share.
+            while window and (held > half or all(f.done() for f in window[0].futures)):
                 done = window.popleft()
                 held -= done.nbytes
                 yield finish(done)
@@ -364,6 +382,7 @@ def _fused_rows(
             held -= done.nbytes
             yield finish(done)
     finally:
+        reader.close()
         # On an error or an abandoned iteration, let the kernel finish with the buffers before they go.
         for p in window:
             for f in p.futures:
@@ -400,7 +419,7 @@ def _tensor_rows(
     jobs = [ReadJob(pair, ((base, pair.base), (tuned, pair.tuned))) for pair in plan.pairs]
     # No pinned staging buffers: on the H100 run (docs/performance.md) allocating pinned memory per tensor cost
     # more than it saved; a plain copy from the page-cache-backed map runs at about 8.5 GB/s.
-    reader = Reader(jobs, mem.prefetch_bytes, pin=False, timings=timings)
+    reader = Reader(jobs, mem.prefetch_bytes, timings=timings)
     try:
         for job, (x, y) in reader:
             pair = job.key

@@ -130,7 +130,7 @@ def _run(
         ParquetReportWriter(output, arrow_schema) if output is not None and distributed.is_leader() else None
     )
     rows: list[dict[str, Any]] = []
-    reader = Reader(jobs, 1 << 30, pin=False)
+    reader = Reader(jobs, 1 << 30)
     try:
         for job, tensors in reader if shard is None else shard.track(reader):
             info = job.key

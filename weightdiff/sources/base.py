@@ -92,7 +92,8 @@ class Source(ABC):
     def read_buffer(self, info: TensorInfo) -> memoryview | None:
         """One tensor's stored bytes exactly as ``read`` would view them, or None when this source makes its
         tensors rather than storing them (a merged adapter, dequantized FP8). Lets the engine run the C kernel
-        on the bytes without going through torch."""
+        on the bytes without going through torch. The bytes are valid until ``release(info)``: a source may
+        reuse the buffer after that."""
         return None
 
     def release(self, info: TensorInfo) -> None:  # noqa: B027 - optional hook

@@ -77,6 +77,8 @@ DEFAULT_TIMEOUT_S = 30.0
 #: Tensors larger than this are fetched as several range requests in parallel.
 DEFAULT_PART_BYTES = 16 * 1024 * 1024
 DEFAULT_WORKERS = 4
+#: Bytes of returned download buffers kept for reuse (see HubSource.read_buffer).
+SPARE_BYTES = 512 * 1024 * 1024
 #: The Hub answers with one redirect (to its storage CDN); a handful more allows for mirrors, not loops.
 DEFAULT_MAX_REDIRECTS = 8
 #: Largest JSON file (index, config) we fetch whole; real ones are well under a megabyte.
@@ -302,6 +304,10 @@ class HubSource(Source):
         self._config_loaded = False
         self._client: Any = None
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None
+        # Download buffers lent by read_buffer (by byte range) and returned ones kept for reuse (by size).
+        self._lent: dict[tuple[str, int, int], list[bytearray]] = {}
+        self._spare: dict[int, list[bytearray]] = {}
+        self._spare_bytes = 0
         try:
             if self.mode == "offline":
                 self._open_offline()
@@ -352,26 +358,53 @@ class HubSource(Source):
         return dict(self._tensors)
 
     def read(self, info: TensorInfo) -> torch.Tensor:
-        return bytes_to_tensor(self.read_buffer(info), info)
+        if info.file in self._locals:
+            local, path = self._locals[info.file]
+            return local.read(dataclasses.replace(info, file=path))
+        # A tensor may outlive release(), so it gets a buffer of its own, never a recycled one.
+        return bytes_to_tensor(self._stream_into(info, bytearray(info.nbytes)), info)
 
     def read_buffer(self, info: TensorInfo) -> memoryview:
         if info.file in self._locals:
             local, path = self._locals[info.file]
             return local.read_buffer(dataclasses.replace(info, file=path))
+        # Buffers lent here come back on release() and are reused for tensors of the same size (a model repeats
+        # a handful of shapes): a fresh gigabyte of bytearrays costs more to zero and fault in than to fill.
+        with self._lock:
+            spare = self._spare.get(info.nbytes)
+            buf = spare.pop() if spare else None
+            if buf is not None:
+                self._spare_bytes -= len(buf)
+        buf = buf if buf is not None else bytearray(info.nbytes)
+        view = self._stream_into(info, buf)
+        with self._lock:
+            self._lent.setdefault((info.file, info.start, info.end), []).append(buf)
+        return view
+
+    def _stream_into(self, info: TensorInfo, buf: bytearray) -> memoryview:
         if info.file not in self._sizes:
             raise InputError(
                 f"{self._label()}: tensor {info.name!r} names file {info.file!r}, not part of this checkpoint"
             )
-        buf = bytearray(info.nbytes)
         if info.nbytes:
             self._fetch_parts(info.file, info.start, info.end, memoryview(buf))
         return memoryview(buf)
 
     def release(self, info: TensorInfo) -> None:
-        # Streamed tensors own their bytearray, freed with the tensor; only mapped files have pages to drop.
         if info.file in self._locals:
             local, path = self._locals[info.file]
             local.release(dataclasses.replace(info, file=path))
+            return
+        with self._lock:
+            lent = self._lent.get((info.file, info.start, info.end))
+            if not lent:
+                return  # a tensor from read(): it owns its buffer, freed with it
+            buf = lent.pop()
+            if not lent:
+                del self._lent[(info.file, info.start, info.end)]
+            if self._spare_bytes + len(buf) <= SPARE_BYTES:
+                self._spare.setdefault(len(buf), []).append(buf)
+                self._spare_bytes += len(buf)
 
     def describe(self) -> dict[str, str]:
         return {"kind": "hub", "given": self.given, "resolved": f"{self.repo_id}@{self.sha}"}
