@@ -9,7 +9,13 @@ setup(
             sources=["weightdiff/_kernels.c"],
             # Reassociating float sums lets the element loops vectorise; no flag here assumes finite values
             # (NaN and Inf are counted, so -ffinite-math-only would be wrong).
-            extra_compile_args=["-O3", "-fno-math-errno", "-fassociative-math", "-fno-signed-zeros", "-fno-trapping-math"],
+            extra_compile_args=[
+                "-O3",
+                "-fno-math-errno",
+                "-fassociative-math",
+                "-fno-signed-zeros",
+                "-fno-trapping-math",
+            ],
             # Optional: without a C compiler the package still installs and uses its torch code path.
             optional=True,
         )

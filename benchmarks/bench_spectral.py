@@ -7,6 +7,8 @@ update, as RL fine-tuning makes), then measures in the same run:
 - weightdiff: ``spectral_metrics`` with ``--svd auto`` (the default) and with ``exact``;
 - the accuracy of each against a float64 numpy SVD + ``scipy.linalg.subspace_angles`` reference.
 Prints JSON lines. Usage: python benchmarks/bench_spectral.py [--shapes 4096x4096,1536x8960] [--skip-exact]
+[--reference-cache DIR] (the float64 reference takes minutes on the larger shapes; a cache keeps it between
+runs, keyed by shape: the matrices come from a fixed seed).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import argparse
 import json
 import math
 import os
+import pickle
 import platform
 import sys
 import time
@@ -45,6 +48,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shapes", default="4096x4096,1536x8960,4096x12288")
     ap.add_argument("--skip-exact", action="store_true", help="skip weightdiff's exact mode (slow on CPU)")
+    ap.add_argument(
+        "--reference-cache", type=Path, help="directory keeping the float64 references between runs"
+    )
     args = ap.parse_args()
     print(
         json.dumps(
@@ -64,13 +70,26 @@ def main() -> None:
         torch.linalg.svd(W1, full_matrices=False)
         naive = time.perf_counter() - t
         t = time.perf_counter()
-        ref = reference.spectral(W0.double().numpy(), W1.double().numpy())
+        cached = args.reference_cache / f"ref_{shape}.pkl" if args.reference_cache else None
+        if cached is not None and cached.exists():
+            with cached.open("rb") as fh:
+                ref = pickle.load(fh)
+        else:
+            ref = reference.spectral(W0.double().numpy(), W1.double().numpy())
+            if cached is not None:
+                cached.parent.mkdir(parents=True, exist_ok=True)
+                with cached.open("wb") as fh:
+                    pickle.dump(ref, fh)
         ref_s = time.perf_counter() - t
+        s_ref = torch.tensor(ref["sv_base"][:64], dtype=torch.float64)
         modes = ["auto"] + ([] if args.skip_exact else ["exact"])
         for mode in modes:
             t = time.perf_counter()
-            got = spectral_metrics(W0, W1, SpectralOptions(solver=mode)).columns
+            result = spectral_metrics(W0, W1, SpectralOptions(solver=mode, rank=64))
+            got = result.columns
             secs = time.perf_counter() - t
+            sv_got = torch.tensor(result.vectors["sv_base"][:64], dtype=torch.float64)
+            sv_err = float(((sv_got - s_ref).abs() / s_ref).max())
             ang_err = {c: abs(got[c] - ref[c]) for c in ANGLES}
             ang_ok = all(abs(got[c] - ref[c]) <= 0.01 + 0.02 * abs(ref[c]) for c in ANGLES)
             ov_err = max(abs(got[c] - ref[c]) for c in ("principal_overlap", "lowmag_overlap"))
@@ -92,6 +111,7 @@ def main() -> None:
                         "sigma1_rel_err": abs(got["sigma1_rel_change"] - ref["sigma1_rel_change"])
                         / max(abs(ref["sigma1_rel_change"]), 1e-30),
                         "overlap_abs_err": ov_err,
+                        "topk_singular_values_max_rel_err": sv_err,
                     }
                 ),
                 flush=True,
