@@ -186,3 +186,28 @@ def test_device_name():
         engine.device_name("gpu0")
     if not torch.cuda.is_available():
         assert engine.device_name("auto")[0] == "cpu"
+
+
+def test_fused_path_error_mid_stream_propagates_and_releases(tmp_path):
+    # A source that fails on its third tensor, read on the reader thread: the error reaches the caller, rows
+    # before it were made, and nothing is left running (the test would hang otherwise).
+    from weightdiff.errors import CheckpointFormatError
+
+    bp, tp = _mixed_pair(tmp_path)
+    log: list = []
+
+    class Failing(_Recording):
+        def read_buffer(self, info):
+            if sum(1 for op, *_ in self.log if op == "read") >= 2:
+                raise CheckpointFormatError(f"{info.file}: simulated failure on {info.name}")
+            return super().read_buffer(info)
+
+    b, t = Failing(bp, log, "b"), _Recording(tp, [], "t")
+    plan = make_plan(b.tensors(), t.tensors())
+    rows = []
+    with pytest.raises(CheckpointFormatError, match="simulated failure"):
+        for row in compare_pairs(b, t, plan, EngineOptions(spectral=False, device="cpu", prefetch_bytes=1)):
+            rows.append(row)
+    assert [r["name"] for r in rows] == [p.name for p in plan.pairs[: len(rows)]]
+    assert len(rows) <= 2
+    assert not [th for th in threading.enumerate() if th.name == "weightdiff-reader"]
