@@ -211,3 +211,33 @@ def test_fused_path_error_mid_stream_propagates_and_releases(tmp_path):
     assert [r["name"] for r in rows] == [p.name for p in plan.pairs[: len(rows)]]
     assert len(rows) <= 2
     assert not [th for th in threading.enumerate() if th.name == "weightdiff-reader"]
+
+
+@pytest.mark.skipif(not engine.fused.available(), reason="the C kernel is not built in this install")
+def test_interrupt_while_waiting_leaves_no_kernel_chunk_running(tmp_path, monkeypatch):
+    # Ctrl-C arrives while the compute side waits for a pair: by the time it propagates, no chunk may still
+    # read the pair's memory (the caller closes the sources, unmapping it, right after).
+    g = torch.Generator().manual_seed(0)
+    big = {"w": torch.randn(2048, 4096, generator=g).to(torch.bfloat16)}
+    write_checkpoint(tmp_path / "b.safetensors", big)
+    write_checkpoint(tmp_path / "t.safetensors", perturb(big))
+    b, t = LocalSource(tmp_path / "b.safetensors"), LocalSource(tmp_path / "t.safetensors")
+    submitted: list = []
+    real_submit = engine.fused.submit
+
+    def recording_submit(*a, **k):
+        futures = real_submit(*a, **k)
+        submitted.extend(futures)
+        return futures
+
+    def interrupted(futures, n):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(engine.fused, "CHUNK", 1 << 16)  # 128 chunks, most still queued when Ctrl-C comes
+    monkeypatch.setattr(engine.fused, "submit", recording_submit)
+    monkeypatch.setattr(engine.fused, "collect", interrupted)
+    plan = make_plan(b.tensors(), t.tensors())
+    with pytest.raises(KeyboardInterrupt):
+        list(compare_pairs(b, t, plan, EngineOptions(spectral=False, device="cpu")))
+    assert len(submitted) == 128
+    assert all(f.done() for f in submitted)

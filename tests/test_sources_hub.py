@@ -7,6 +7,7 @@ RemoteError. No test touches the network beyond the loopback interface.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import socket
@@ -244,6 +245,29 @@ def test_read_buffer_recycles_released_buffers_but_never_a_tensors(hub: FakeHub,
         third.obj[:] = bytes(len(third))
         assert _bits(tensor) == _bits(local.read(local.tensors()["layer.0.weight"]))
     local.close()
+
+
+def test_a_range_lent_twice_is_reused_only_after_both_releases(hub: FakeHub, sharded_dir: Path) -> None:
+    # A tied head reads the embedding's bytes while the embedding's own pair may still be in flight.
+    with open_hub(hub) as source:
+        info = source.tensors()["layer.0.weight"]
+        first = source.read_buffer(info)
+        served = hub.bytes_served
+        second = source.read_buffer(info)
+        assert second.obj is first.obj and hub.bytes_served == served  # shared, not downloaded again
+        source.release(info)
+        # One lender left: the buffer must not go to another range of the same size.
+        embed = source.tensors()["embed.weight"]
+        other = dataclasses.replace(embed, name="slice", end=embed.start + info.nbytes)
+        third = source.read_buffer(other)
+        assert third.obj is not first.obj
+        assert bytes(first) == bytes(second)
+        source.release(other)
+        source.release(info)
+        # All released: the next same-sized read reuses a returned buffer and fills it afresh.
+        fourth = source.read_buffer(info)
+        assert fourth.obj in (first.obj, third.obj)
+        source.release(info)
 
 
 def test_revision_is_pinned_while_branch_moves(hub: FakeHub, sharded_dir: Path, tmp_path: Path) -> None:

@@ -349,11 +349,14 @@ def _fused_rows(
             pair = job.key
             entry = _Pending(pair, pair.nbytes, identity_columns(pair))
             if bx is None or by is None:
-                # A computed tensor, or a dtype the kernel does not take: torch, right here.
+                # A computed tensor, or a dtype the kernel does not take: torch, right here (a side that did
+                # come as stored bytes is viewed, not read again).
                 from weightdiff.metrics.elementwise import elementwise_metrics
+                from weightdiff.sources.base import bytes_to_tensor
 
                 t1 = time.perf_counter()
-                x, y = base.read(pair.base), tuned.read(pair.tuned)
+                x = bytes_to_tensor(bx, pair.base) if bx is not None else base.read(pair.base)
+                y = bytes_to_tensor(by, pair.tuned) if by is not None else tuned.read(pair.tuned)
                 entry.row.update(elementwise_metrics(x, y, atol=options.atol, chunk=mem.chunk))
                 del x, y
                 timings.compute += time.perf_counter() - t1
@@ -372,24 +375,22 @@ def _fused_rows(
             reader.done(job, release=False)
             window.append(entry)
             held += entry.nbytes
-            # Rows leave in plan order; the oldest pair is waited for once the window holds its share.
+            # Rows leave in plan order; the oldest pair is waited for once the window holds its share. A pair
+            # leaves the window only once its row is made, so the cleanup below sees every pair in flight.
             while window and (held > half or all(f.done() for f in window[0].futures)):
-                done = window.popleft()
-                held -= done.nbytes
-                yield finish(done)
+                row = finish(window[0])
+                held -= window.popleft().nbytes
+                yield row
         while window:
-            done = window.popleft()
-            held -= done.nbytes
-            yield finish(done)
+            row = finish(window[0])
+            held -= window.popleft().nbytes
+            yield row
     finally:
         reader.close()
-        # On an error or an abandoned iteration, let the kernel finish with the buffers before they go.
+        # On an error, Ctrl-C or an abandoned iteration: no kernel chunk may still read a buffer once the
+        # sources are closed, so every pair in flight is drained first.
         for p in window:
-            for f in p.futures:
-                f.cancel()
-            for f in p.futures:
-                if not f.cancelled():
-                    f.exception()
+            fused.drain(p.futures)
 
 
 def _tensor_rows(

@@ -273,3 +273,26 @@ def test_fast_solver_on_real_trained_matrices(tuned):
         for c in ("principal_overlap", "lowmag_overlap"):
             assert abs(got[c] - ref[c]) <= 0.005, (name, c)
         assert got["sv_drift_topk"] == pytest.approx(ref["sv_drift_topk"], rel=1e-3, abs=1e-9), name
+
+
+@pytest.mark.parametrize("rank", [0, 8])
+def test_fast_solver_on_rank_deficient_matrices(rank):
+    # Fewer nonzero singular values than k: the iteration still stops early, the vectors are orthonormal, and
+    # identical matrices give zero angles, as the exact solver does.
+    g = torch.Generator().manual_seed(4)
+    W = (
+        torch.randn(300, rank, generator=g) @ torch.randn(rank, 250, generator=g)
+        if rank
+        else torch.zeros(300, 250)
+    )
+    res = topk_svd_fast(W, 16, SpectralOptions())
+    eye = torch.eye(16, dtype=torch.float64)
+    assert torch.allclose(res.U.T @ res.U, eye, atol=1e-8) and torch.allclose(res.V.T @ res.V, eye, atol=1e-8)
+    assert res.iterations < 10
+    if rank:
+        ref = np.linalg.svd(W.double().numpy(), compute_uv=False)[:rank]
+        assert np.max(np.abs(res.S[:rank].numpy() - ref) / ref) < 1e-6
+    got = spectral_metrics(W, W.clone(), SpectralOptions(solver="fast", rank=16, principal_rank=16)).columns
+    assert got["angle_u_max_deg"] == pytest.approx(0.0, abs=1e-6) and got["angle_v_max_deg"] == pytest.approx(
+        0.0, abs=1e-6
+    )

@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from typing import Any
 
 try:
@@ -74,14 +74,28 @@ def submit(addr_a: int, code_a: int, addr_b: int, code_b: int, n: int, atol: flo
     ]
 
 
+def drain(futures: Sequence[Future[Any]]) -> None:
+    """Cancel what has not started and wait for what has: afterwards no chunk reads the pair's memory."""
+    for fut in futures:
+        fut.cancel()
+    wait(futures)
+
+
 def collect(futures: Sequence[Future[Any]], n: int) -> dict[str, object]:
-    """Wait for one pair's chunks and return its report columns."""
+    """Wait for one pair's chunks and return its report columns.
+
+    On any exception while waiting (Ctrl-C included) the pair's chunks are drained before it propagates, so
+    the caller may free the memory they read as soon as this returns or raises."""
+    try:
+        results = [fut.result() for fut in futures]
+    except BaseException:
+        drain(futures)
+        raise
     counts = [0] * 5
     hist = [0] * len(ULP_BUCKETS)
     sums = [0.0] * 5
     delta_max = -1.0
-    for fut in futures:
-        ce, cb, ca, nfa, nfb, h, *rest = fut.result()
+    for ce, cb, ca, nfa, nfb, h, *rest in results:
         # The kernel returns (exact, bf16, atol, nonfinite_a, nonfinite_b); finish() wants atol last.
         for i, v in enumerate((ce, cb, nfa, nfb, ca)):
             counts[i] += v

@@ -33,6 +33,9 @@ from weightdiff.metrics.elementwise import round_to_bf16
 
 #: Matrices whose smaller side is at most this use the exact solver under ``auto`` on the CPU.
 AUTO_EXACT_MAX_DIM = 512
+#: fast solver: Ritz values below this fraction of sigma_1 are not checked for convergence (float32 products
+#: leave them noise at about 1e-7 sigma_1, so they never settle to a relative tolerance).
+RITZ_FLOOR = 1e-4
 
 
 @dataclass(frozen=True)
@@ -195,7 +198,10 @@ def topk_svd_fast(
         if step >= max(3, first_check - 1):
             top = torch.linalg.eigvalsh(Gbuf[:p, :p]).flip(0)[:k].clamp(min=0).sqrt()
             if prev is not None and prev.numel() == top.numel():
-                moved = float(((top - prev).abs() / top.clamp(min=torch.finfo(torch.float64).tiny)).max())
+                # Values under RITZ_FLOOR * sigma_1 are float32 noise (a rank-deficient or zero matrix): they
+                # never settle, and they are not checked.
+                live = top > RITZ_FLOOR * top[0]
+                moved = float(((top - prev).abs()[live] / top[live]).max()) if bool(live.any()) else 0.0
                 if moved < opts.tol:
                     break
             prev = top
@@ -208,8 +214,7 @@ def topk_svd_fast(
         S = evals.flip(0).clamp(min=0).sqrt()
         kk = min(k, S.numel())
         Vs = evecs.flip(1)[:, :kk]
-        U = B @ Vs / torch.where(S[:kk] > 0, S[:kk], torch.ones_like(S[:kk]))
-        return TopK(U, S[:kk], Q @ Vs, S if full else None, step)
+        return TopK(_left_vectors(B @ Vs, S[:kk]), S[:kk], Q @ Vs, S if full else None, step)
     if full:
         Z = Q  # the whole space: Rayleigh-Ritz on it is the exact decomposition
     else:
@@ -220,8 +225,15 @@ def topk_svd_fast(
     S = evals.flip(0).clamp(min=0).sqrt()
     kk = min(k, S.numel())
     Vs = evecs.flip(1)[:, :kk]
-    U = BZ @ Vs / torch.where(S[:kk] > 0, S[:kk], torch.ones_like(S[:kk]))
-    return TopK(U, S[:kk], Z @ Vs, S if full else None, step)
+    return TopK(_left_vectors(BZ @ Vs, S[:kk]), S[:kk], Z @ Vs, S if full else None, step)
+
+
+def _left_vectors(WV: torch.Tensor, S: torch.Tensor) -> torch.Tensor:
+    """U from W V = U diag(S), re-orthonormalised (keeping each column's sign): where sigma is zero or tiny
+    (a rank-deficient matrix) the division alone gives columns that are not unit vectors."""
+    U = WV / torch.where(S > 0, S, torch.ones_like(S))
+    q, r = torch.linalg.qr(U, mode="reduced")
+    return q * torch.where(r.diagonal() < 0, -1.0, 1.0).to(q.dtype)
 
 
 def _kth_smallest(values: torch.Tensor, pos: int) -> float:

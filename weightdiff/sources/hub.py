@@ -305,7 +305,7 @@ class HubSource(Source):
         self._client: Any = None
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None
         # Download buffers lent by read_buffer (by byte range) and returned ones kept for reuse (by size).
-        self._lent: dict[tuple[str, int, int], list[bytearray]] = {}
+        self._lent: dict[tuple[str, int, int], list[Any]] = {}  # range -> [lenders, buffers]
         self._spare: dict[int, list[bytearray]] = {}
         self._spare_bytes = 0
         try:
@@ -370,7 +370,14 @@ class HubSource(Source):
             return local.read_buffer(dataclasses.replace(info, file=path))
         # Buffers lent here come back on release() and are reused for tensors of the same size (a model repeats
         # a handful of shapes): a fresh gigabyte of bytearrays costs more to zero and fault in than to fill.
+        # Lenders are counted per byte range: a range lent twice at once (a tied head and embedding) shares one
+        # download, and none of its buffers is reused before the last lender has released it.
+        key = (info.file, info.start, info.end)
         with self._lock:
+            lent = self._lent.get(key)
+            if lent is not None:
+                lent[0] += 1
+                return memoryview(lent[1][0])
             spare = self._spare.get(info.nbytes)
             buf = spare.pop() if spare else None
             if buf is not None:
@@ -378,7 +385,9 @@ class HubSource(Source):
         buf = buf if buf is not None else bytearray(info.nbytes)
         view = self._stream_into(info, buf)
         with self._lock:
-            self._lent.setdefault((info.file, info.start, info.end), []).append(buf)
+            entry = self._lent.setdefault(key, [0, []])
+            entry[0] += 1
+            entry[1].append(buf)
         return view
 
     def _stream_into(self, info: TensorInfo, buf: bytearray) -> memoryview:
@@ -395,16 +404,19 @@ class HubSource(Source):
             local, path = self._locals[info.file]
             local.release(dataclasses.replace(info, file=path))
             return
+        key = (info.file, info.start, info.end)
         with self._lock:
-            lent = self._lent.get((info.file, info.start, info.end))
-            if not lent:
+            lent = self._lent.get(key)
+            if lent is None:
                 return  # a tensor from read(): it owns its buffer, freed with it
-            buf = lent.pop()
-            if not lent:
-                del self._lent[(info.file, info.start, info.end)]
-            if self._spare_bytes + len(buf) <= SPARE_BYTES:
-                self._spare.setdefault(len(buf), []).append(buf)
-                self._spare_bytes += len(buf)
+            lent[0] -= 1
+            if lent[0] > 0:
+                return
+            del self._lent[key]
+            for buf in lent[1]:
+                if self._spare_bytes + len(buf) <= SPARE_BYTES:
+                    self._spare.setdefault(len(buf), []).append(buf)
+                    self._spare_bytes += len(buf)
 
     def describe(self) -> dict[str, str]:
         return {"kind": "hub", "given": self.given, "resolved": f"{self.repo_id}@{self.sha}"}
