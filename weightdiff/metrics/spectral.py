@@ -121,18 +121,6 @@ def _orth(Y: torch.Tensor) -> torch.Tensor:
     return torch.linalg.qr(Y, mode="reduced").Q
 
 
-def _orth_cheap(Y: torch.Tensor) -> torch.Tensor:
-    """A well-conditioned basis of span(Y) by Cholesky QR: one Gram product and a triangular solve, several
-    times faster than Householder QR on a tall block. Orthonormal to about eps * cond(Y)^2, which is all a
-    Krylov step needs (the basis itself is orthonormalised in float64); Householder QR when Y is too close to
-    rank-deficient for the Cholesky factor."""
-    gram = (Y.T @ Y).to(torch.float64)
-    R, info = torch.linalg.cholesky_ex(gram, upper=True)
-    if int(info) != 0:
-        return _orth(Y)
-    return torch.linalg.solve_triangular(R.to(Y.dtype), Y, upper=True, left=False)
-
-
 def topk_svd_fast(
     W: torch.Tensor,
     k: int,
@@ -147,7 +135,7 @@ def topk_svd_fast(
     Gaussian block drawn from ``opts.seed`` (the same for base and tuned, so that the two matrices' errors
     are alike and largely cancel in the angles between their subspaces). The basis Q is kept orthonormal in
     float64; the products with W that grow it are float32. After a few blocks, each step checks the top-k Ritz
-    values (square roots of the eigenvalues of (W Q)^T (W Q), from the float32 products: about 1e-7 relative,
+    values (square roots of the eigenvalues of Q^T W^T W Q, from the float32 products: about 1e-7 relative,
     well under the 1e-6 default tolerance), which rise monotonically towards the singular values, and stops
     once they move less than ``opts.tol`` (relative) in a step. A Krylov space converges much faster than
     subspace iteration where the spectrum is dense around k, as in trained weights.
@@ -169,29 +157,30 @@ def topk_svd_fast(
     W32 = W.to(torch.float32)
     g = torch.Generator(device="cpu").manual_seed(opts.seed)
     Y = torch.randn(n, b, generator=g, dtype=torch.float32).to(W.device)
-    # Preallocated: the basis Q, B = W Q (from the float32 products) and G = B^T B, filled p columns so far.
+    # Preallocated: the basis Q and G = Q^T (W^T W) Q (from the float32 products), filled p columns so far.
     cap = min(n, b * opts.max_iter)
     Qbuf = torch.empty(n, cap, dtype=torch.float64, device=W.device)
-    Bbuf = torch.empty(m, cap, dtype=torch.float64, device=W.device)
     Gbuf = torch.empty(cap, cap, dtype=torch.float64, device=W.device)
     p = 0
     prev: torch.Tensor | None = None
     step = 0
     for step in range(1, opts.max_iter + 1):
-        Q, B = Qbuf[:, :p], Bbuf[:, :p]
+        Q = Qbuf[:, :p]
         # Orthonormalise the new block against the basis in float64, twice (classical Gram-Schmidt loses
         # orthogonality once), then within itself.
         Y64 = Y.to(torch.float64)
         for _ in range(2):
             Y64 = Y64 - Q @ (Q.T @ Y64)
         Y64 = _orth(Y64)[:, : cap - p]
-        WY32 = W32 @ Y64.to(torch.float32)
-        WY = WY32.to(torch.float64)
+        # One step of A = W^T W, in float32: it extends G and is the next block.
+        AY32 = W32.T @ (W32 @ Y64.to(torch.float32))
+        AY = AY32.to(torch.float64)
         q = p + Y64.shape[1]
-        Qbuf[:, p:q], Bbuf[:, p:q] = Y64, WY
-        Gbuf[:p, p:q] = B.T @ WY
+        Qbuf[:, p:q] = Y64
+        Gbuf[:p, p:q] = Q.T @ AY
         Gbuf[p:q, :p] = Gbuf[:p, p:q].T
-        Gbuf[p:q, p:q] = WY.T @ WY
+        diag = Y64.T @ AY
+        Gbuf[p:q, p:q] = (diag + diag.T) / 2
         p = q
         if p >= cap:
             break
@@ -205,16 +194,18 @@ def topk_svd_fast(
                 if moved < opts.tol:
                     break
             prev = top
-        # The next block: one step of A = W^T W on the newest block, in float32.
-        Y = W32.T @ _orth_cheap(WY32)
-    Q, B, G = Qbuf[:, :p], Bbuf[:, :p], Gbuf[:p, :p]
+        # Column scaling keeps the block's magnitudes in float32 range; its float64 orthonormalisation comes
+        # at the top of the next step.
+        Y = AY32 / AY32.norm(dim=0).clamp(min=torch.finfo(torch.float32).tiny)
+    Q, G = Qbuf[:, :p], Gbuf[:p, :p]
     full = p >= n
     if not float64_ritz:
         evals, evecs = torch.linalg.eigh(G)
         S = evals.flip(0).clamp(min=0).sqrt()
         kk = min(k, S.numel())
-        Vs = evecs.flip(1)[:, :kk]
-        return TopK(_left_vectors(B @ Vs, S[:kk]), S[:kk], Q @ Vs, S if full else None, step)
+        V = Q @ evecs.flip(1)[:, :kk]
+        U = _left_vectors((W32 @ V.to(torch.float32)).to(torch.float64), S[:kk])
+        return TopK(U, S[:kk], V, S if full else None, step)
     if full:
         Z = Q  # the whole space: Rayleigh-Ritz on it is the exact decomposition
     else:
