@@ -38,10 +38,26 @@ def layer_shapes(
     }
 
 
+def _trained_like(shape: tuple[int, ...], g: torch.Generator, device: str) -> torch.Tensor:
+    """A matrix with a trained weight's kind of spectrum: a power-law low-rank part (sigma_i ~ i^-1/2 over half
+    the smaller side) over a noise bulk, scaled to an element std of 0.02. Pure noise, the default, has a flat
+    spectrum on which no iterative SVD converges fast, which trained weights do not have."""
+    m, n = shape
+    r = min(m, n) // 2
+    U = torch.linalg.qr(torch.randn(m, r, generator=g, device=device)).Q
+    V = torch.linalg.qr(torch.randn(n, r, generator=g, device=device)).Q
+    s = 3.0 * torch.arange(1, r + 1, dtype=torch.float32, device=device) ** -0.5
+    W = (U * s) @ V.T + 0.2 * torch.randn(m, n, generator=g, device=device) / max(m, n) ** 0.5
+    return W * (0.02 / W.std())
+
+
 def _pair_tensor(
-    shape: tuple[int, ...], g: torch.Generator, device: str
+    shape: tuple[int, ...], g: torch.Generator, device: str, spectrum: str = "noise"
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    base = (torch.randn(shape, generator=g, device=device) * 0.02).to(torch.bfloat16)
+    if spectrum == "trained" and len(shape) == 2:
+        base = _trained_like(shape, g, device).to(torch.bfloat16)
+    else:
+        base = (torch.randn(shape, generator=g, device=device) * 0.02).to(torch.bfloat16)
     mask = torch.rand(shape, generator=g, device=device) < 0.5
     # A relative nudge of 0.5-1.5%: one to two bf16 ULPs, the size of update that survives bf16 storage.
     factor = 1 + mask * (torch.rand(shape, generator=g, device=device) + 0.5) * 0.01
@@ -55,6 +71,7 @@ def write_pair(
     preset: str = "small",
     layers: int | None = None,
     device: str = "cpu",
+    spectrum: str = "noise",
 ) -> tuple[Path, Path]:
     """Write ``out/base`` and ``out/tuned``; the number of layers comes from ``layers`` or ``size_gb``."""
     hidden, inter, qh, kvh, hd, vocab = SHAPES[preset]
@@ -72,7 +89,7 @@ def write_pair(
         names += [(f"model.layers.{i}.{n}", s) for n, s in per_layer.items()]
     names += [("model.norm.weight", (hidden,)), ("lm_head.weight", (vocab, hidden))]
     for name, shape in names:
-        base[name], tuned[name] = _pair_tensor(shape, g, device)
+        base[name], tuned[name] = _pair_tensor(shape, g, device, spectrum)
     for label, tensors in (("base", base), ("tuned", tuned)):
         (out / label).mkdir(parents=True, exist_ok=True)
         save_file(tensors, str(out / label / "model.safetensors"))
@@ -86,9 +103,15 @@ def main() -> None:
     ap.add_argument("--preset", choices=sorted(SHAPES), default="small")
     ap.add_argument("--layers", type=int, default=None)
     ap.add_argument("--device", default="cpu", help="where to generate the random values (cuda is faster)")
+    ap.add_argument(
+        "--spectrum",
+        choices=("noise", "trained"),
+        default="noise",
+        help="matrices of Gaussian noise, or with a trained weight's power-law spectrum over a noise bulk",
+    )
     args = ap.parse_args()
     t = time.perf_counter()
-    base, tuned = write_pair(args.out, args.size_gb, args.preset, args.layers, args.device)
+    base, tuned = write_pair(args.out, args.size_gb, args.preset, args.layers, args.device, args.spectrum)
     size = (base / "model.safetensors").stat().st_size / 1e9
     print(f"wrote {base} and {tuned} ({size:.2f} GB each) in {time.perf_counter() - t:.1f} s")
 

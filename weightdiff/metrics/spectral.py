@@ -16,7 +16,7 @@ Solvers:
   space fills the whole side), so ``sv_drift`` (full spectrum) is null.
 - ``gram``: float64 eigendecomposition of the Gram matrix of the smaller side (see ``topk_svd_gram``); full
   spectrum, exact to float64 rounding for the leading triplets, and much faster than an SVD on GPUs.
-- ``auto``: gram on GPUs; on CPUs exact for matrices whose smaller side is at most 512, fast otherwise
+- ``auto``: gram on GPUs; on CPUs exact for matrices whose smaller side is at most 256, fast otherwise
   (docs/performance.md has the measured speed and accuracy of each).
 """
 
@@ -32,7 +32,7 @@ import torch
 from weightdiff.metrics.elementwise import round_to_bf16
 
 #: Matrices whose smaller side is at most this use the exact solver under ``auto`` on the CPU.
-AUTO_EXACT_MAX_DIM = 512
+AUTO_EXACT_MAX_DIM = 256
 #: fast solver: Ritz values below this fraction of sigma_1 are not checked for convergence (float32 products
 #: leave them noise at about 1e-7 sigma_1, so they never settle to a relative tolerance).
 RITZ_FLOOR = 1e-4
@@ -327,10 +327,17 @@ def spectral_metrics(base: torch.Tensor, tuned: torch.Tensor, opts: SpectralOpti
     N = m * n
     update = round_to_bf16(base) != round_to_bf16(tuned)
     n_update = int(torch.count_nonzero(update))
-    R = (t0.U[:, :r] * t0.S[:r]) @ t0.V[:, :r].T
+    # The fast solver's factors carry errors near 1e-8 already, so its reconstruction is formed in float32 (half
+    # the memory and time on an embedding-sized matrix; it moves at most a handful of elements across the
+    # threshold). The exact solvers keep float64. |W0| is exact in float32 whenever W0 is stored in 32 bits
+    # or fewer.
+    rdt = torch.float32 if solver == "fast" else torch.float64
+    R = (t0.U[:, :r] * t0.S[:r]).to(rdt) @ t0.V[:, :r].T.to(rdt)
+    A0 = base.to(torch.float32) if base.element_size() <= 4 else W0
     # The thresholds reorder their scratch arrays, so the masks are taken from fresh magnitudes.
     P = R.abs() >= _mask_threshold_desc(R.abs(), opts.alpha)
-    L = W0.abs() <= _mask_threshold_asc(W0.abs(), opts.alpha)
+    L = A0.abs() <= _mask_threshold_asc(A0.abs(), opts.alpha)
+    del R, A0
     cols["principal_mask_density"] = int(torch.count_nonzero(P)) / N
     cols["lowmag_mask_density"] = int(torch.count_nonzero(L)) / N
     cols["principal_overlap"] = int(torch.count_nonzero(update & P)) / n_update if n_update else None
