@@ -211,7 +211,7 @@ def topk_svd_fast(
     else:
         evecs = torch.linalg.eigh(G).eigenvectors.flip(1)
         Z = Q @ evecs[:, : min(Q.shape[1], k + max(8, k // 2))]
-    BZ = W.to(torch.float64) @ Z
+    BZ = _matmul64(W, Z)
     evals, evecs = torch.linalg.eigh(BZ.T @ BZ)
     S = evals.flip(0).clamp(min=0).sqrt()
     kk = min(k, S.numel())
@@ -265,10 +265,43 @@ def _spectral_norm(D: torch.Tensor, opts: SpectralOptions, solver: str) -> float
     return float(res.S[0])
 
 
+#: Rows per block when a matrix is widened to float64 piecewise (bounds the temporaries to a few MB per column).
+_ROW_BLOCK = 1 << 12
+
+
+def _row_blocks(m: int) -> range:
+    return range(0, m, _ROW_BLOCK)
+
+
 def _all_finite(W: torch.Tensor) -> bool:
-    # A float64 sum is finite exactly when every element is, unless finite elements overflow it (only float64
-    # checkpoints can hold values that large): then ask element by element. The sum is several times faster.
-    return bool(torch.isfinite(W.sum())) or bool(torch.isfinite(W).all())
+    # A sum is finite exactly when every element is, unless finite elements overflow it: then ask element by
+    # element. The sum (float32 for 32-bit and narrower storage, read without a widened copy) is several times
+    # faster than isfinite over every element.
+    acc = torch.float64 if W.dtype == torch.float64 else torch.float32
+    return bool(torch.isfinite(W.sum(dtype=acc))) or bool(torch.isfinite(W).all())
+
+
+def _matmul64(W: torch.Tensor, Z: torch.Tensor) -> torch.Tensor:
+    """W @ Z in float64 for W of any float dtype, widening W a block of rows at a time."""
+    if W.dtype == torch.float64:
+        return W @ Z
+    out = torch.empty(W.shape[0], Z.shape[1], dtype=torch.float64, device=W.device)
+    for s in _row_blocks(W.shape[0]):
+        out[s : s + _ROW_BLOCK] = W[s : s + _ROW_BLOCK].to(torch.float64) @ Z
+    return out
+
+
+def _update_terms(
+    W0: torch.Tensor, W1: torch.Tensor, U: torch.Tensor, V: torch.Tensor
+) -> tuple[float, torch.Tensor]:
+    """||dW||_F^2 and U^T dW V for dW = W1 - W0, in float64, a block of rows at a time."""
+    d2 = 0.0
+    block = torch.zeros(U.shape[1], V.shape[1], dtype=torch.float64, device=W0.device)
+    for s in _row_blocks(W0.shape[0]):
+        D = W1[s : s + _ROW_BLOCK].to(torch.float64) - W0[s : s + _ROW_BLOCK].to(torch.float64)
+        d2 += float(torch.dot(D.reshape(-1), D.reshape(-1)))
+        block += U[s : s + _ROW_BLOCK].T @ (D @ V)
+    return d2, block
 
 
 def choose_solver(opts: SpectralOptions, shape: tuple[int, int], device: torch.device) -> str:
@@ -287,8 +320,11 @@ def spectral_metrics(base: torch.Tensor, tuned: torch.Tensor, opts: SpectralOpti
     k = min(opts.rank, m, n)
     r = min(opts.principal_rank, m, n)
     solver = choose_solver(opts, (m, n), base.device)
-    W0 = base.to(torch.float64)
-    W1 = tuned.to(torch.float64)
+    lean = solver == "fast"
+    # The fast solver reads the stored matrices directly and makes float64 copies a block of rows at a time
+    # (no full float64 copy of W0, W+ or dW: on an embedding-sized matrix those cost more than the solver).
+    W0 = base if lean else base.to(torch.float64)
+    W1 = tuned if lean else tuned.to(torch.float64)
     finite = _all_finite(W0) and _all_finite(W1)
     cols: dict[str, Any] = {"rank_k": k, "svd_solver": solver}
     if not finite:
@@ -333,7 +369,7 @@ def spectral_metrics(base: torch.Tensor, tuned: torch.Tensor, opts: SpectralOpti
     # or fewer.
     rdt = torch.float32 if solver == "fast" else torch.float64
     R = (t0.U[:, :r] * t0.S[:r]).to(rdt) @ t0.V[:, :r].T.to(rdt)
-    A0 = base.to(torch.float32) if base.element_size() <= 4 else W0
+    A0 = base.to(torch.float32) if base.element_size() <= 4 else base.to(torch.float64)
     # The thresholds reorder their scratch arrays, so the masks are taken from fresh magnitudes.
     P = R.abs() >= _mask_threshold_desc(R.abs(), opts.alpha)
     L = A0.abs() <= _mask_threshold_asc(A0.abs(), opts.alpha)
@@ -343,12 +379,13 @@ def spectral_metrics(base: torch.Tensor, tuned: torch.Tensor, opts: SpectralOpti
     cols["principal_overlap"] = int(torch.count_nonzero(update & P)) / n_update if n_update else None
     cols["lowmag_overlap"] = int(torch.count_nonzero(update & L)) / n_update if n_update else None
 
-    D = W1 - W0
-    d2 = float(torch.dot(D.reshape(-1), D.reshape(-1)))
+    d2, block = _update_terms(W0, W1, U0, V0)
     if d2 > 0:
-        block = U0.T @ D @ V0
         cols["principal_energy"] = float(torch.dot(block.reshape(-1), block.reshape(-1))) / d2
+        # sigma_1(dW) for the stable rank: the fast solver's float32 Krylov run takes dW in float32.
+        D = tuned.to(torch.float32) - base.to(torch.float32) if lean else W1 - W0
         s1 = _spectral_norm(D, opts, solver)
+        del D
         cols["delta_stable_rank"] = d2 / (s1 * s1) if s1 > 0 else None
     else:
         cols["principal_energy"] = None
