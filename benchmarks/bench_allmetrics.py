@@ -17,12 +17,12 @@ import argparse
 import json
 import os
 import platform
-import subprocess
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_elementwise import run  # the same subprocess timing and ru_maxrss
+from synth import ensure_pair
 
 NAIVE = """
 import sys, time, json, torch
@@ -47,23 +47,9 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=1)
     ap.add_argument("--preset", default="small")
     args = ap.parse_args()
-    base, tuned = args.dir / "base", args.dir / "tuned"
-    if not (base / "model.safetensors").exists():
-        synth = Path(__file__).with_name("synth.py")
-        subprocess.run(
-            [
-                sys.executable,
-                str(synth),
-                str(args.dir),
-                "--layers",
-                str(args.layers),
-                "--preset",
-                args.preset,
-                "--spectrum",
-                "trained",
-            ],
-            check=True,
-        )
+    base, tuned = ensure_pair(
+        args.dir, "--layers", str(args.layers), "--preset", args.preset, "--spectrum", "trained"
+    )
     report = args.dir / "report.parquet"
     wd = [
         sys.executable,

@@ -23,6 +23,8 @@ import sys
 import time
 from pathlib import Path
 
+from synth import ensure_pair
+
 READ = """
 import sys, time, json
 from safetensors import safe_open
@@ -81,14 +83,7 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=2)
     ap.add_argument("--device", default="cpu")
     args = ap.parse_args()
-    base, tuned = args.dir / "base", args.dir / "tuned"
-    if not (base / "model.safetensors").exists():
-        # In a child process: a parent that held the generated tensors would hand its resident size down to
-        # every child it forks, and ru_maxrss would then report the parent's size for all contenders.
-        synth = Path(__file__).with_name("synth.py")
-        subprocess.run(
-            [sys.executable, str(synth), str(args.dir), "--size-gb", str(args.size_gb)], check=True
-        )
+    base, tuned = ensure_pair(args.dir, "--size-gb", str(args.size_gb))
     size = sum((p / "model.safetensors").stat().st_size for p in (base, tuned)) / 1e9
     report = args.dir / "report.parquet"
     contenders = {

@@ -9,6 +9,8 @@ Usable as a script or imported (``write_pair``); nothing here is used by the pac
 from __future__ import annotations
 
 import argparse
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -93,6 +95,17 @@ def write_pair(
     for label, tensors in (("base", base), ("tuned", tuned)):
         (out / label).mkdir(parents=True, exist_ok=True)
         save_file(tensors, str(out / label / "model.safetensors"))
+    return out / "base", out / "tuned"
+
+
+def ensure_pair(out: Path, *synth_args: str) -> tuple[Path, Path]:
+    """``out/base`` and ``out/tuned``, written first (``synth.py OUT *synth_args``) when missing.
+
+    Always in a child process: a benchmark that held the generated tensors would hand its resident size down to
+    every contender it forks, and ru_maxrss would then report the parent's size for all of them.
+    """
+    if not (out / "base" / "model.safetensors").exists():
+        subprocess.run([sys.executable, str(Path(__file__)), str(out), *synth_args], check=True)
     return out / "base", out / "tuned"
 
 

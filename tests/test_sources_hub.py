@@ -249,6 +249,9 @@ def test_read_buffer_recycles_released_buffers_but_never_a_tensors(hub: FakeHub,
 
 def test_a_range_lent_twice_is_reused_only_after_both_releases(hub: FakeHub, sharded_dir: Path) -> None:
     # A tied head reads the embedding's bytes while the embedding's own pair may still be in flight.
+    local = LocalSource(sharded_dir)
+    want = bytes(local.read_buffer(local.tensors()["layer.0.weight"]))
+    local.close()
     with open_hub(hub) as source:
         info = source.tensors()["layer.0.weight"]
         first = source.read_buffer(info)
@@ -261,7 +264,7 @@ def test_a_range_lent_twice_is_reused_only_after_both_releases(hub: FakeHub, sha
         other = dataclasses.replace(embed, name="slice", end=embed.start + info.nbytes)
         third = source.read_buffer(other)
         assert third.obj is not first.obj
-        assert bytes(first) == bytes(second)
+        assert bytes(second) == want  # the remaining lender's bytes are untouched by the other read
         source.release(other)
         source.release(info)
         # All released: the next same-sized read reuses a returned buffer and fills it afresh.

@@ -171,7 +171,7 @@ static inline __attribute__((always_inline)) void run(const void *a, int da, con
  *
  * Stage 1 works on the 16-bit patterns in 16-bit lanes (32 elements per AVX-512 register): numeric change,
  * cumulative ULP-bucket counts (how many changed elements are more than 1, 2, 4, ... 128 ULPs apart). It assumes
- * finite values: a block with a NaN or an Inf goes to bf16_block_general instead, element by element, because
+ * finite values: a block with a NaN or an Inf goes to the general loop, run(), instead, element by element, because
  * NaN breaks the bit-pattern shortcuts; trained weights almost never have one.
  * Stage 2 makes the float64 sums. With every value finite, the base-only and the both-finite sums of x^2 are
  * the same sum, and no element needs masking.
@@ -199,35 +199,6 @@ static inline __attribute__((always_inline)) void bf16_counts(const uint16_t *a,
     g[0] = ce; g[1] = g1; g[2] = g2; g[3] = g3; g[4] = g4; g[5] = g5; g[6] = g6; g[7] = g7; g[8] = g8;
 }
 
-/* A bfloat16 block with a NaN or an Inf somewhere: element by element, with masks. */
-static inline __attribute__((always_inline)) void bf16_block_general(const uint16_t *a, const uint16_t *b,
-                                                                     int32_t len, double atol, totals *t) {
-    double p_base = 0, p_delta = 0, p_dot = 0, p_x = 0, p_y = 0, p_max = -1.0;
-    int64_t ce = 0, ca = 0, nfa = 0, nfb = 0;
-    for (int32_t j = 0; j < len; j++) {
-        double x = bf16_to_double(a[j]), y = bf16_to_double(b[j]);
-        int fx = isfinite(x), fy = isfinite(y), both = fx & fy;
-        nfa += !fx;
-        nfb += !fy;
-        int ch = !(x == y);
-        ce += ch;
-        if (ch && both) {
-            int32_t dist = ordered(b[j]) - ordered(a[j]);
-            t->hist[ulp_bucket((uint32_t)(dist < 0 ? -dist : dist))]++;
-        }
-        double d = y - x;
-        ca += !(fabs(d) <= atol);
-        if (fx) p_base += x * x;
-        if (both) {
-            p_delta += d * d; p_dot += x * y; p_x += x * x; p_y += y * y;
-            if (fabs(d) > p_max) p_max = fabs(d);
-        }
-    }
-    t->ce += ce; t->cb += ce; t->ca += ca; t->nfa += nfa; t->nfb += nfb;
-    t->s_base += p_base; t->s_delta += p_delta; t->s_dot += p_dot; t->s_x += p_x; t->s_y += p_y;
-    if (p_max > t->dmax) t->dmax = p_max;
-}
-
 MULTIVERSION static void run_bf16(const uint16_t *A, const uint16_t *B, int64_t n, double atol, totals *t) {
     for (int64_t start = 0; start < n; start += BLOCK) {
         int32_t len = (int32_t)(n - start < BLOCK ? n - start : BLOCK);
@@ -236,7 +207,7 @@ MULTIVERSION static void run_bf16(const uint16_t *A, const uint16_t *B, int64_t 
         uint16_t nf = 0;
         for (int32_t j = 0; j < len; j++) nf |= ((a[j] & 0x7f80) == 0x7f80) | ((b[j] & 0x7f80) == 0x7f80);
         if (nf) {
-            bf16_block_general(a, b, len, atol, t);
+            run(a, DT_BF16, b, DT_BF16, len, atol, t);
             continue;
         }
         int64_t g[9];

@@ -124,8 +124,9 @@ def resolve_device(spec: str) -> tuple[torch.device, str]:
     return device, "as requested"
 
 
-# Bytes per element of the float64 working set of the spectral metrics for one matrix pair: both matrices, the
-# update, the rank-r reconstruction and its magnitudes (about 5 float64 matrices plus boolean masks).
+# Bytes per element of the float64 working set of the spectral metrics for one matrix pair under the exact and
+# gram solvers: both matrices, the update, the rank-r reconstruction and its magnitudes (about 5 float64
+# matrices plus boolean masks). The fast solver's float32 working set stays below it.
 SPECTRAL_BYTES_PER_ELEMENT = 6 * 8
 # Bytes of temporaries per element in the chunked element-wise path (float64 copies, masks, bf16 roundings).
 ELEMENTWISE_BYTES_PER_ELEMENT = 48
