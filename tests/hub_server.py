@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import ssl
 import threading
 import time
 from dataclasses import dataclass, field
@@ -99,8 +100,10 @@ def files_from_dir(directory: Path) -> dict[str, bytes]:
 class FakeHub:
     """The fake Hub server. Use as a context manager; ``endpoint`` is its base URL."""
 
-    def __init__(self, token: str | None = None) -> None:
+    def __init__(self, token: str | None = None, tls: ssl.SSLContext | None = None) -> None:
         self.token = token
+        #: A server-side SSL context makes this an https:// Hub (its certificate must name 127.0.0.1/localhost).
+        self.tls = tls
         self.repos: dict[str, FakeRepo] = {}
         self.faults = Faults()
         self.bytes_served = 0
@@ -131,7 +134,11 @@ class FakeHub:
     @property
     def endpoint(self) -> str:
         assert self._server is not None
-        return f"http://127.0.0.1:{self._server.server_address[1]}"
+        return f"{self.scheme}://127.0.0.1:{self._server.server_address[1]}"
+
+    @property
+    def scheme(self) -> str:
+        return "https" if self.tls is not None else "http"
 
     @property
     def port(self) -> int:
@@ -145,6 +152,8 @@ class FakeHub:
             fake = hub
 
         self._server = _Server(("127.0.0.1", 0), Handler)
+        if self.tls is not None:
+            self._server.socket = self.tls.wrap_socket(self._server.socket, server_side=True)
         self._server.daemon_threads = True
         self._server.block_on_close = False  # type: ignore[attr-defined]
         self._thread = threading.Thread(
@@ -328,7 +337,9 @@ class _Handler(BaseHTTPRequestHandler):
         if faults.redirect and name in repo.commits[sha] and name not in faults.missing_files:
             data = repo.commits[sha][name]
             self.send_response(302)
-            self.send_header("Location", f"http://localhost:{self.fake.port}/cdn/{sha}/{quote(name)}")
+            self.send_header(
+                "Location", f"{self.fake.scheme}://localhost:{self.fake.port}/cdn/{sha}/{quote(name)}"
+            )
             self.send_header("X-Repo-Commit", sha)
             self.send_header("X-Linked-Etag", _etag(data))
             self.send_header("X-Linked-Size", str(len(data)))
@@ -429,8 +440,9 @@ class _Handler(BaseHTTPRequestHandler):
             return None
         if truncate:
             body = body[: len(body) // 2]
-        self.wfile.write(body)
+        # Counted before it is sent: a client may check the count as soon as its last byte has arrived.
         self.fake._count(len(body))
+        self.wfile.write(body)
         return None
 
 

@@ -17,6 +17,7 @@ schema's column names).
 
 from __future__ import annotations
 
+import concurrent.futures
 import os
 import queue
 import sys
@@ -230,6 +231,7 @@ class Reader:
         self.in_flight = 0
         self.cond = threading.Condition()
         self.stop = False
+        self._pool: concurrent.futures.ThreadPoolExecutor | None = None
         self.thread = threading.Thread(target=self._run, name="weightdiff-reader", daemon=True)
         self.thread.start()
 
@@ -244,13 +246,27 @@ class Reader:
                         return
                     self.in_flight += job.nbytes
                 t0 = time.perf_counter()
-                tensors = [self.load(src, info) for src, info in job.parts]
+                tensors = self._load_parts(job)
                 self.timings.reader_busy += time.perf_counter() - t0
                 self.queue.put((job, tensors))
         except BaseException as exc:  # handed to the compute side, which re-raises it
             self.queue.put(exc)
             return
         self.queue.put(_DONE)
+
+    def _load_parts(self, job: ReadJob) -> list[Any]:
+        # A pair's two sides load at once: over the network each is a round trip (or several) whose waits
+        # overlap; on local disk the second side's page faults overlap the first's.
+        if len(job.parts) == 1:
+            return [self.load(*job.parts[0])]
+        if self._pool is None:
+            self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="weightdiff-reader")
+        rest = [self._pool.submit(self.load, src, info) for src, info in job.parts[1:]]
+        try:
+            first = self.load(*job.parts[0])
+        finally:
+            concurrent.futures.wait(rest)
+        return [first, *(f.result() for f in rest)]
 
     def __iter__(self) -> Iterator[tuple[ReadJob, list[Any]]]:
         while True:
@@ -276,6 +292,8 @@ class Reader:
             self.stop = True
             self.cond.notify_all()
         self.thread.join(timeout=5)
+        if self._pool is not None:
+            self._pool.shutdown(wait=False)
 
 
 def compare_pairs(

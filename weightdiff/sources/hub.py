@@ -29,17 +29,21 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import http.client
 import json
 import logging
 import os
 import re
+import ssl
 import threading
 import time
+import urllib.request
 from collections.abc import Callable
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import huggingface_hub
+import numpy as np
 from huggingface_hub import HfApi, constants, hf_hub_download, hf_hub_url
 from huggingface_hub.errors import HfHubHTTPError, HFValidationError, LocalEntryNotFoundError
 
@@ -50,6 +54,7 @@ from weightdiff.errors import (
     UnsupportedCheckpointError,
     WeightdiffError,
 )
+from weightdiff.sources import direct
 from weightdiff.sources.base import Source, bytes_to_tensor, load_json_config
 from weightdiff.sources.format import TensorInfo, header_length, parse_header
 from weightdiff.sources.local import CONVERT_HINT, INDEX_NAME, PICKLE_SUFFIXES, SINGLE_NAME, LocalSource
@@ -181,6 +186,17 @@ def _is_offline() -> bool:
     return bool(constants.HF_HUB_OFFLINE) or env.strip().upper() in ("1", "ON", "YES", "TRUE")
 
 
+def _new_buffer(n: int) -> memoryview:
+    # Uninitialised memory: the download overwrites every byte, so zero-filling it first (as bytearray(n)
+    # does) would touch each page twice. numpy also asks for transparent huge pages for large arrays.
+    return memoryview(np.empty(n, dtype=np.uint8))  # type: ignore[arg-type]  # ndarray has the buffer protocol
+
+
+def _proxy_configured() -> bool:
+    # httpx honours the same *_PROXY variables (trust_env); NO_PROXY alone configures nothing.
+    return any(scheme in ("http", "https", "all") for scheme in urllib.request.getproxies_environment())
+
+
 def _default_endpoint() -> str:
     # Like huggingface_hub, HF_ENDPOINT picks the server; unlike its import-time constant, it is read now.
     return (os.environ.get("HF_ENDPOINT") or constants.ENDPOINT).rstrip("/")
@@ -272,6 +288,7 @@ class HubSource(Source):
         part_bytes: int = DEFAULT_PART_BYTES,
         workers: int = DEFAULT_WORKERS,
         max_redirects: int = DEFAULT_MAX_REDIRECTS,
+        direct_ranges: bool | None = None,
     ) -> None:
         self.given = spec
         self.repo_id, spec_revision = parse_spec(spec)
@@ -303,10 +320,11 @@ class HubSource(Source):
         self._config: dict[str, Any] | None = None
         self._config_loaded = False
         self._client: Any = None
+        self._direct: direct.DirectClient | None = None
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None
         # Download buffers lent by read_buffer (by byte range) and returned ones kept for reuse (by size).
         self._lent: dict[tuple[str, int, int], list[Any]] = {}  # range -> [lenders, buffers]
-        self._spare: dict[int, list[bytearray]] = {}
+        self._spare: list[memoryview] = []
         self._spare_bytes = 0
         try:
             if self.mode == "offline":
@@ -318,6 +336,7 @@ class HubSource(Source):
                     )
                 # Both online modes need the client (download mode for the X-Repo-Commit fallback only).
                 self._client = httpx.Client(
+                    verify=direct.default_ssl_context(httpx),
                     follow_redirects=True,
                     max_redirects=self.max_redirects,
                     timeout=httpx.Timeout(self.timeout, connect=min(self.timeout, 10.0)),
@@ -326,6 +345,16 @@ class HubSource(Source):
                     limits=httpx.Limits(max_connections=self.workers + 2),
                 )
                 if self.mode == "stream":
+                    # Range reads go straight into their buffers over plain keep-alive connections (see
+                    # sources/direct.py); httpx carries them instead when a proxy is configured, which
+                    # the direct client does not speak to.
+                    if direct_ranges if direct_ranges is not None else not _proxy_configured():
+                        self._direct = direct.DirectClient(
+                            timeout=self.timeout,
+                            max_redirects=self.max_redirects,
+                            ssl_context=direct.default_ssl_context(httpx),
+                            headers={"Accept-Encoding": "identity", "User-Agent": "weightdiff"},
+                        )
                     self._pool = concurrent.futures.ThreadPoolExecutor(
                         max_workers=self.workers, thread_name_prefix="weightdiff-hub"
                     )
@@ -348,7 +377,8 @@ class HubSource(Source):
 
         ``options``: ``endpoint`` (default ``HF_ENDPOINT`` / huggingface.co), ``cache_dir`` (default the HF
         cache), ``offline`` (default ``HF_HUB_OFFLINE``), ``retries``, ``backoff`` (first delay in seconds,
-        doubled per try), ``timeout``, ``part_bytes``, ``workers`` and ``max_redirects``.
+        doubled per try), ``timeout``, ``part_bytes``, ``workers``, ``max_redirects`` and ``direct_ranges``
+        (read tensor ranges with the direct client; default: yes unless a proxy is configured).
         """
         return cls(spec, revision=revision, token=token, download=download, **options)
 
@@ -362,42 +392,51 @@ class HubSource(Source):
             local, path = self._locals[info.file]
             return local.read(dataclasses.replace(info, file=path))
         # A tensor may outlive release(), so it gets a buffer of its own, never a recycled one.
-        return bytes_to_tensor(self._stream_into(info, bytearray(info.nbytes)), info)
+        return bytes_to_tensor(self._stream_into(info, _new_buffer(info.nbytes)), info)
 
     def read_buffer(self, info: TensorInfo) -> memoryview:
         if info.file in self._locals:
             local, path = self._locals[info.file]
             return local.read_buffer(dataclasses.replace(info, file=path))
-        # Buffers lent here come back on release() and are reused for tensors of the same size (a model repeats
-        # a handful of shapes): a fresh gigabyte of bytearrays costs more to zero and fault in than to fill.
+        # Buffers lent here come back on release() and are reused for later tensors of the same or a somewhat
+        # smaller size: fresh memory costs a page fault per page on first write, which at gigabytes per second
+        # is a large part of the cost of a download.
         # Lenders are counted per byte range: a range lent twice at once (a tied head and embedding) shares one
         # download, and none of its buffers is reused before the last lender has released it.
         key = (info.file, info.start, info.end)
+        n = info.nbytes
         with self._lock:
             lent = self._lent.get(key)
             if lent is not None:
                 lent[0] += 1
-                return memoryview(lent[1][0])
-            spare = self._spare.get(info.nbytes)
-            buf = spare.pop() if spare else None
-            if buf is not None:
-                self._spare_bytes -= len(buf)
-        buf = buf if buf is not None else bytearray(info.nbytes)
-        view = self._stream_into(info, buf)
+                return lent[1][0][:n]
+            buf = self._take_spare(n)
+        buf = buf if buf is not None else _new_buffer(n)
+        view = self._stream_into(info, buf[:n])
         with self._lock:
             entry = self._lent.setdefault(key, [0, []])
             entry[0] += 1
             entry[1].append(buf)
         return view
 
-    def _stream_into(self, info: TensorInfo, buf: bytearray) -> memoryview:
+    def _take_spare(self, n: int) -> memoryview | None:
+        # Best fit among the spares of n to 2n bytes (called with the lock held).
+        fits = [b for b in self._spare if n <= len(b) <= 2 * n]
+        if not fits:
+            return None
+        buf = min(fits, key=len)
+        self._spare.remove(buf)
+        self._spare_bytes -= len(buf)
+        return buf
+
+    def _stream_into(self, info: TensorInfo, buf: memoryview) -> memoryview:
         if info.file not in self._sizes:
             raise InputError(
                 f"{self._label()}: tensor {info.name!r} names file {info.file!r}, not part of this checkpoint"
             )
         if info.nbytes:
-            self._fetch_parts(info.file, info.start, info.end, memoryview(buf))
-        return memoryview(buf)
+            self._fetch_parts(info.file, info.start, info.end, buf)
+        return buf
 
     def release(self, info: TensorInfo) -> None:
         if info.file in self._locals:
@@ -415,7 +454,7 @@ class HubSource(Source):
             del self._lent[key]
             for buf in lent[1]:
                 if self._spare_bytes + len(buf) <= SPARE_BYTES:
-                    self._spare.setdefault(len(buf), []).append(buf)
+                    self._spare.append(buf)
                     self._spare_bytes += len(buf)
 
     def describe(self) -> dict[str, str]:
@@ -439,6 +478,9 @@ class HubSource(Source):
         if self._client is not None:
             self._client.close()
             self._client = None
+        if self._direct is not None:
+            self._direct.close()
+            self._direct = None
         for local, _path in self._locals.values():
             local.close()
 
@@ -852,18 +894,12 @@ class HubSource(Source):
     def _fetch_once(
         self, url: str, file: str, start: int, end: int, out: memoryview, size: int | None, clamp_ok: bool
     ) -> tuple[int, int | None]:
+        if self._direct is not None:
+            return self._fetch_direct(url, file, start, end, out, size, clamp_ok)
         headers = {"Range": f"bytes={start}-{end - 1}", **self._auth(url)}
         try:
             with self._http().stream("GET", url, headers=headers) as response:
-                self._check_commit(response, file)
-                if response.status_code == 206:
-                    return self._read_partial(response, file, start, end, out, size, clamp_ok)
-                if response.status_code == 200:
-                    return self._read_unranged(response, file, start, end, out, size, clamp_ok)
-                if response.status_code == 416 and clamp_ok:
-                    total = response.headers.get("Content-Range", "").rpartition("/")[2]
-                    return 0, int(total) if total.isdigit() else None
-                self._raise_status(response, file, start, end)
+                return self._answer(response, file, start, end, out, size, clamp_ok)
         except httpx.TooManyRedirects:
             raise self._error(
                 f"{self._label(file)}: redirect loop (more than {self.max_redirects} redirects)"
@@ -874,6 +910,50 @@ class HubSource(Source):
             raise _Transient(f"timed out after {self.timeout:g}s ({type(exc).__name__})") from None
         except httpx.TransportError as exc:
             raise _Transient(f"connection failed or dropped ({_describe_exc(exc)})") from None
+
+    def _fetch_direct(
+        self, url: str, file: str, start: int, end: int, out: memoryview, size: int | None, clamp_ok: bool
+    ) -> tuple[int, int | None]:
+        client = self._direct
+        if client is None:
+            raise InputError(f"{self._label()}: source is closed")
+        ranged = f"bytes={start}-{end - 1}"
+        try:
+            with client.get(url, lambda hop: {"Range": ranged, **self._auth(hop)}) as response:
+                return self._answer(response, file, start, end, out, size, clamp_ok)
+        except direct.TooManyRedirects:
+            raise self._error(
+                f"{self._label(file)}: redirect loop (more than {self.max_redirects} redirects)"
+            ) from None
+        except direct.UnsupportedURL as exc:
+            raise self._error(f"{self._label(file)}: {_describe_exc(exc)}") from None
+        except TimeoutError as exc:
+            raise _Transient(f"timed out after {self.timeout:g}s ({type(exc).__name__})") from None
+        except ssl.SSLCertVerificationError as exc:
+            raise self._error(f"{self._label(file)}: {_describe_exc(exc)}") from None
+        except (OSError, http.client.HTTPException) as exc:
+            raise _Transient(f"connection failed or dropped ({_describe_exc(exc)})") from None
+
+    def _answer(
+        self,
+        response: Any,
+        file: str,
+        start: int,
+        end: int,
+        out: memoryview,
+        size: int | None,
+        clamp_ok: bool,
+    ) -> tuple[int, int | None]:
+        """Read one range answer (httpx's or the direct client's) into ``out``; see ``_fetch``."""
+        self._check_commit(response, file)
+        if response.status_code == 206:
+            return self._read_partial(response, file, start, end, out, size, clamp_ok)
+        if response.status_code == 200:
+            return self._read_unranged(response, file, start, end, out, size, clamp_ok)
+        if response.status_code == 416 and clamp_ok:
+            total = response.headers.get("Content-Range", "").rpartition("/")[2]
+            return 0, int(total) if total.isdigit() else None
+        self._raise_status(response, file, start, end)
         raise AssertionError("unreachable")  # pragma: no cover
 
     def _check_commit(self, response: Any, file: str) -> None:
@@ -979,6 +1059,9 @@ class HubSource(Source):
 
     def _drain(self, response: Any, file: str, out: memoryview) -> None:
         """Copy the body into ``out``, which must come out exactly full: never a byte more or less."""
+        if isinstance(response, direct.DirectResponse):
+            self._drain_direct(response, file, out)
+            return
         pos = 0
         want = len(out)
         for chunk in response.iter_raw():
@@ -994,6 +1077,27 @@ class HubSource(Source):
         if pos != want:
             # A body cut short is usually a dropped connection: worth another try.
             raise _Transient(f"short body: the server sent {pos} of the {want} bytes asked for")
+
+    def _drain_direct(self, response: direct.DirectResponse, file: str, out: memoryview) -> None:
+        # The socket fills ``out`` itself; one more byte read past the end tells an over-long body.
+        pos = 0
+        want = len(out)
+        while pos < want:
+            n = response.readinto(out[pos:])
+            if not n:
+                break
+            with self._lock:
+                self.bytes_transferred += n
+            pos += n
+        if pos != want:
+            raise _Transient(f"short body: the server sent {pos} of the {want} bytes asked for")
+        extra = response.readinto(memoryview(bytearray(1)))
+        if extra:
+            with self._lock:
+                self.bytes_transferred += extra
+            raise self._error(
+                f"{self._label(file)}: over-long body: the server sent more than the {want} bytes asked for"
+            )
 
     def _get_whole(self, file: str, missing_ok: bool = False) -> bytes | None:
         """A small file (index, config) in one plain GET; None when ``missing_ok`` and it does not exist."""
