@@ -3,7 +3,8 @@ local compare of the same files, in the same run.
 
 The fake Hub (tests/hub_server.py) runs in its own process, so the server's Python does not compete with the
 compare for the interpreter lock. Each contender is a fresh ``python -m weightdiff compare --no-spectral``
-process; the best of ``--repeat`` runs is kept. Prints JSON lines. Usage:
+process; the best of ``--repeat`` runs is kept, with its CPU time and the server's CPU time during it (the
+server shares the machine's cores with the compare). Prints JSON lines. Usage:
     python benchmarks/bench_hub.py BASE_DIR TUNED_DIR [--repeat 2]
 (for example the pair written by ``python benchmarks/synth.py /tmp/x --size-gb 0.5``).
 """
@@ -13,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import subprocess
 import sys
 import time
@@ -33,12 +35,24 @@ time.sleep(3600)
 """
 
 
-def timed(cmd: list[str], env: dict[str, str]) -> float:
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a running process, from /proc (Linux)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def timed(cmd: list[str], env: dict[str, str], server: int) -> tuple[float, float, float]:
+    """Wall seconds of ``cmd``, its CPU seconds, and the server's CPU seconds meanwhile."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    served = cpu_seconds(server)
     t = time.perf_counter()
     res = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    wall = time.perf_counter() - t
     if res.returncode != 0:
         raise SystemExit(f"{cmd[3:6]} failed: {res.stderr[-1500:]}")
-    return time.perf_counter() - t
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return wall, cpu, cpu_seconds(server) - served
 
 
 def main() -> None:
@@ -63,18 +77,27 @@ def main() -> None:
         }
         base = [sys.executable, "-m", "weightdiff", "compare", "--no-spectral", "-q"]
         size = sum(p.stat().st_size for d in (args.base, args.tuned) for p in d.rglob("*.safetensors"))
-        best = {"local": float("inf"), "hub": float("inf")}
+        inf = (float("inf"), 0.0, 0.0)
+        best = {"local": inf, "hub": inf}
         for _ in range(args.repeat):
-            best["local"] = min(best["local"], timed([*base, str(args.base), str(args.tuned)], env))
-            best["hub"] = min(best["hub"], timed([*base, "bench/base", "bench/tuned"], env))
+            best["local"] = min(
+                best["local"], timed([*base, str(args.base), str(args.tuned)], env, server.pid)
+            )
+            best["hub"] = min(best["hub"], timed([*base, "bench/base", "bench/tuned"], env, server.pid))
         print(
             json.dumps(
                 {
                     "pair_gb": round(size / 1e9, 3),
                     "repeat": args.repeat,
-                    "local_s": round(best["local"], 2),
-                    "hub_s": round(best["hub"], 2),
-                    "hub_over_local": round(best["hub"] / best["local"], 2),
+                    "local_s": round(best["local"][0], 2),
+                    "hub_s": round(best["hub"][0], 2),
+                    "hub_over_local": round(best["hub"][0] / best["local"][0], 2),
+                    # CPU seconds of the best runs: the compare process, and the server while it ran. On a
+                    # machine where both share the cores, their sum bounds how fast a loopback run can be.
+                    "local_cpu_s": round(best["local"][1], 2),
+                    "hub_cpu_s": round(best["hub"][1], 2),
+                    "hub_server_cpu_s": round(best["hub"][2], 2),
+                    "cores": os.cpu_count(),
                 }
             )
         )

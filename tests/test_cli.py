@@ -271,3 +271,29 @@ def test_max_memory_option(pair, tmp_path):
     assert res.returncode == 2 and "'lots' is not a size" in res.stderr
     res = run("compare", str(base), str(tuned), "--max-memory", "64MiB", "--no-spectral", "--json", "-")
     assert res.returncode == 0 and json.loads(res.stdout)["overall"]["tensors"] == 18
+
+
+def test_the_command_flushes_output_and_runs_atexit_handlers_before_its_quick_exit(pair, tmp_path):
+    # ``weightdiff`` (cli.run) skips the interpreter's teardown; what a caller can see must not change.
+    base, tuned = pair
+    code = (
+        "import atexit, sys; atexit.register(lambda: sys.stderr.write('atexit ran\\n'));"
+        "sys.argv = ['weightdiff', *sys.argv[1:]]; from weightdiff.cli import run; run()"
+    )
+    res = subprocess.run(
+        [sys.executable, "-c", code, "compare", str(base), str(tuned), "-o", str(tmp_path / "r.parquet"), "--json", "-", "-q"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "NO_COLOR": "1"},
+        timeout=300,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    assert json.loads(res.stdout)["overall"]  # the whole JSON document reached the pipe
+    assert res.stderr.endswith("atexit ran\n")
+    res = subprocess.run(
+        [sys.executable, "-c", code, "compare", str(tmp_path / "nope"), str(tuned)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert res.returncode == 2 and "error: " in res.stderr and res.stderr.endswith("atexit ran\n")

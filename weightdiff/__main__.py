@@ -1,6 +1,6 @@
 """``python -m weightdiff`` runs the command-line interface."""
 
-from weightdiff.cli import main
+from weightdiff.cli import run
 
 if __name__ == "__main__":
-    main()
+    run()

@@ -273,6 +273,11 @@ def _row_blocks(m: int) -> range:
     return range(0, m, _ROW_BLOCK)
 
 
+def _as_float32(W: torch.Tensor) -> torch.Tensor:
+    """W in float32 when that is exact (storage of 32 bits or fewer), else W itself (float64 stays)."""
+    return W.to(torch.float32) if W.element_size() <= 4 and W.dtype != torch.float32 else W
+
+
 def _all_finite(W: torch.Tensor) -> bool:
     # A sum is finite exactly when every element is, unless finite elements overflow it: then ask element by
     # element. The sum (float32 for 32-bit and narrower storage, read without a widened copy) is several times
@@ -321,10 +326,11 @@ def spectral_metrics(base: torch.Tensor, tuned: torch.Tensor, opts: SpectralOpti
     r = min(opts.principal_rank, m, n)
     solver = choose_solver(opts, (m, n), base.device)
     lean = solver == "fast"
-    # The fast solver reads the stored matrices directly and makes float64 copies a block of rows at a time
-    # (no full float64 copy of W0, W+ or dW: on an embedding-sized matrix those cost more than the solver).
-    W0 = base if lean else base.to(torch.float64)
-    W1 = tuned if lean else tuned.to(torch.float64)
+    # The fast solver works on float32 copies, made once and shared by the solver, the masks and the update's
+    # norm (exact for bf16/fp16/fp32 storage), and widens to float64 a block of rows at a time (no full
+    # float64 copy of W0, W+ or dW: on an embedding-sized matrix those cost more than the solver).
+    W0 = _as_float32(base) if lean else base.to(torch.float64)
+    W1 = _as_float32(tuned) if lean else tuned.to(torch.float64)
     finite = _all_finite(W0) and _all_finite(W1)
     cols: dict[str, Any] = {"rank_k": k, "svd_solver": solver}
     if not finite:
@@ -369,7 +375,7 @@ def spectral_metrics(base: torch.Tensor, tuned: torch.Tensor, opts: SpectralOpti
     # or fewer.
     rdt = torch.float32 if solver == "fast" else torch.float64
     R = (t0.U[:, :r] * t0.S[:r]).to(rdt) @ t0.V[:, :r].T.to(rdt)
-    A0 = base.to(torch.float32) if base.element_size() <= 4 else base.to(torch.float64)
+    A0 = W0 if lean else base.to(torch.float32) if base.element_size() <= 4 else base.to(torch.float64)
     # The thresholds reorder their scratch arrays, so the masks are taken from fresh magnitudes.
     P = R.abs() >= _mask_threshold_desc(R.abs(), opts.alpha)
     L = A0.abs() <= _mask_threshold_asc(A0.abs(), opts.alpha)
@@ -383,7 +389,7 @@ def spectral_metrics(base: torch.Tensor, tuned: torch.Tensor, opts: SpectralOpti
     if d2 > 0:
         cols["principal_energy"] = float(torch.dot(block.reshape(-1), block.reshape(-1))) / d2
         # sigma_1(dW) for the stable rank: the fast solver's float32 Krylov run takes dW in float32.
-        D = tuned.to(torch.float32) - base.to(torch.float32) if lean else W1 - W0
+        D = (W1.to(torch.float32) - W0.to(torch.float32)) if lean else W1 - W0
         s1 = _spectral_norm(D, opts, solver)
         del D
         cols["delta_stable_rank"] = d2 / (s1 * s1) if s1 > 0 else None
