@@ -291,9 +291,19 @@ def _matmul64(W: torch.Tensor, Z: torch.Tensor) -> torch.Tensor:
     if W.dtype == torch.float64:
         return W @ Z
     out = torch.empty(W.shape[0], Z.shape[1], dtype=torch.float64, device=W.device)
+    wide = _block_buffer(W, torch.float64)
     for s in _row_blocks(W.shape[0]):
-        out[s : s + _ROW_BLOCK] = W[s : s + _ROW_BLOCK].to(torch.float64) @ Z
+        rows = W[s : s + _ROW_BLOCK]
+        b = wide[: rows.shape[0]]
+        b.copy_(rows)
+        torch.matmul(b, Z, out=out[s : s + _ROW_BLOCK])
     return out
+
+
+def _block_buffer(W: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    # One buffer per loop, reused for every block: a fresh block-sized tensor each time is a fresh memory
+    # mapping whose pages fault in again, which on an embedding-sized matrix cost seconds.
+    return torch.empty(min(_ROW_BLOCK, W.shape[0]), *W.shape[1:], dtype=dtype, device=W.device)
 
 
 def _update_terms(
@@ -302,10 +312,15 @@ def _update_terms(
     """||dW||_F^2 and U^T dW V for dW = W1 - W0, in float64, a block of rows at a time."""
     d2 = 0.0
     block = torch.zeros(U.shape[1], V.shape[1], dtype=torch.float64, device=W0.device)
+    buf0, buf1 = _block_buffer(W0, torch.float64), _block_buffer(W0, torch.float64)
     for s in _row_blocks(W0.shape[0]):
-        D = W1[s : s + _ROW_BLOCK].to(torch.float64) - W0[s : s + _ROW_BLOCK].to(torch.float64)
+        rows = slice(s, s + _ROW_BLOCK)
+        n = W0[rows].shape[0]
+        D = buf1[:n]
+        D.copy_(W1[rows])
+        D.sub_(buf0[:n].copy_(W0[rows]))
         d2 += float(torch.dot(D.reshape(-1), D.reshape(-1)))
-        block += U[s : s + _ROW_BLOCK].T @ (D @ V)
+        block += U[rows].T @ (D @ V)
     return d2, block
 
 
@@ -364,38 +379,67 @@ def spectral_metrics(base: torch.Tensor, tuned: torch.Tensor, opts: SpectralOpti
     e0 = float(S0.sum())
     cols["topk_energy_rel_change"] = (float(S1.sum()) - e0) / e0 if e0 > 0 else None
 
-    # Masks (metrics.md section 2): U = elements changed in bf16; P = largest |rank-r reconstruction|;
-    # L = smallest |W0|. Thresholds are order statistics, ties included, and densities are measured.
-    N = m * n
-    update = round_to_bf16(base) != round_to_bf16(tuned)
-    n_update = int(torch.count_nonzero(update))
-    # The fast solver's factors carry errors near 1e-8 already, so its reconstruction is formed in float32 (half
-    # the memory and time on an embedding-sized matrix; it moves at most a handful of elements across the
-    # threshold). The exact solvers keep float64. |W0| is exact in float32 whenever W0 is stored in 32 bits
-    # or fewer.
-    rdt = torch.float32 if solver == "fast" else torch.float64
-    R = (t0.U[:, :r] * t0.S[:r]).to(rdt) @ t0.V[:, :r].T.to(rdt)
-    A0 = W0 if lean else base.to(torch.float32) if base.element_size() <= 4 else base.to(torch.float64)
-    # The thresholds reorder their scratch arrays, so the masks are taken from fresh magnitudes.
-    P = R.abs() >= _mask_threshold_desc(R.abs(), opts.alpha)
-    L = A0.abs() <= _mask_threshold_asc(A0.abs(), opts.alpha)
-    del R, A0
-    cols["principal_mask_density"] = int(torch.count_nonzero(P)) / N
-    cols["lowmag_mask_density"] = int(torch.count_nonzero(L)) / N
-    cols["principal_overlap"] = int(torch.count_nonzero(update & P)) / n_update if n_update else None
-    cols["lowmag_overlap"] = int(torch.count_nonzero(update & L)) / n_update if n_update else None
-
+    # sigma_1(dW) and the update's energy in the top-k block come first, so that W+'s float32 copy can turn
+    # into dW in place and be freed before the masks need their scratch matrix.
     d2, block = _update_terms(W0, W1, U0, V0)
     if d2 > 0:
         cols["principal_energy"] = float(torch.dot(block.reshape(-1), block.reshape(-1))) / d2
         # sigma_1(dW) for the stable rank: the fast solver's float32 Krylov run takes dW in float32.
-        D = (W1.to(torch.float32) - W0.to(torch.float32)) if lean else W1 - W0
+        if not lean:
+            D = W1 - W0
+        elif W1.dtype == torch.float32 and W1.data_ptr() != tuned.data_ptr():
+            D = W1.sub_(W0)  # W+'s own float32 copy, not needed any more
+        else:
+            D = W1.to(torch.float32) - W0.to(torch.float32)
+        del W1
         s1 = _spectral_norm(D, opts, solver)
         del D
         cols["delta_stable_rank"] = d2 / (s1 * s1) if s1 > 0 else None
     else:
+        del W1
         cols["principal_energy"] = None
         cols["delta_stable_rank"] = None
+
+    # Masks (metrics.md section 2): U = elements changed in bf16; P = largest |rank-r reconstruction|;
+    # L = smallest |W0|. Thresholds are order statistics, ties included, and densities are measured.
+    # The fast solver's factors carry errors near 1e-8 already, so its reconstruction is formed in float32 (half
+    # the memory and time on an embedding-sized matrix; it moves at most a handful of elements across the
+    # threshold). The exact solvers keep float64. |W0| is exact in float32 whenever W0 is stored in 32 bits
+    # or fewer.
+    N = m * n
+    rdt = torch.float32 if solver == "fast" else torch.float64
+    US = (t0.U[:, :r] * t0.S[:r]).to(rdt)
+    Vt = t0.V[:, :r].T.to(rdt).contiguous()
+    A0 = W0 if lean else base.to(torch.float32) if base.element_size() <= 4 else base.to(torch.float64)
+    # One matrix-sized scratch array serves both thresholds (each reorders it); the masks themselves are
+    # never stored whole: they are recomputed a block of rows at a time and only counted. The reconstruction's
+    # blocks are the same products both times, so each element is compared with the threshold it was ranked by.
+    scratch = torch.empty(m, n, dtype=rdt, device=base.device)
+    for s in _row_blocks(m):
+        torch.matmul(US[s : s + _ROW_BLOCK], Vt, out=scratch[s : s + _ROW_BLOCK])
+    p_thr = _mask_threshold_desc(scratch.abs_(), opts.alpha)
+    l_thr = _mask_threshold_asc(torch.abs(A0, out=scratch if A0.dtype == rdt else None), opts.alpha)
+    del scratch
+    n_update = n_p = n_l = n_up = n_ul = 0
+    rbuf, abuf = _block_buffer(A0, rdt), _block_buffer(A0, A0.dtype)
+    ubuf, pbuf, lbuf, both = (_block_buffer(A0, torch.bool) for _ in range(4))
+    for s in _row_blocks(m):
+        rows = slice(s, s + _ROW_BLOCK)
+        h = A0[rows].shape[0]
+        update = torch.ne(round_to_bf16(base[rows]), round_to_bf16(tuned[rows]), out=ubuf[:h])
+        R = torch.matmul(US[rows], Vt, out=rbuf[:h]).abs_()
+        P = torch.ge(R, p_thr, out=pbuf[:h])
+        L = torch.le(torch.abs(A0[rows], out=abuf[:h]), l_thr, out=lbuf[:h])
+        n_update += int(torch.count_nonzero(update))
+        n_p += int(torch.count_nonzero(P))
+        n_l += int(torch.count_nonzero(L))
+        n_up += int(torch.count_nonzero(torch.logical_and(update, P, out=both[:h])))
+        n_ul += int(torch.count_nonzero(torch.logical_and(update, L, out=both[:h])))
+    del A0, rbuf, abuf, ubuf, pbuf, lbuf, both
+    cols["principal_mask_density"] = n_p / N
+    cols["lowmag_mask_density"] = n_l / N
+    cols["principal_overlap"] = n_up / n_update if n_update else None
+    cols["lowmag_overlap"] = n_ul / n_update if n_update else None
     cols["principal_energy_baseline"] = k * k / N
 
     vectors = {
