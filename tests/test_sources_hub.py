@@ -7,12 +7,14 @@ RemoteError. No test touches the network beyond the loopback interface.
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import json
 import re
 import socket
 import ssl
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -301,6 +303,35 @@ def test_a_range_lent_twice_is_reused_only_after_both_releases(hub: FakeHub, sha
         fourth = source.read_buffer(info)
         assert fourth.obj is first.obj or fourth.obj is third.obj
         source.release(info)
+
+
+def test_a_range_asked_for_twice_at_once_is_downloaded_once(hub: FakeHub, sharded_dir: Path) -> None:
+    # The two sides of a pair load at once; an adapter's untouched tensors come from the base source.
+    want = LocalSource(sharded_dir)
+    info_local = want.tensors()["embed.weight"]
+    expected = bytes(want.read_buffer(info_local))
+    want.close()
+    with open_hub(hub) as source:
+        info = source.tensors()["embed.weight"]
+        hub.reset_counters()
+        hub.faults.stall_s = 0.2  # the first download is still running when the second lender asks
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            first = pool.submit(source.read_buffer, info)
+            time.sleep(0.05)
+            second = pool.submit(source.read_buffer, info)
+            views = [first.result(), second.result()]
+        assert views[0].obj is views[1].obj and bytes(views[1]) == expected
+        assert hub.bytes_served == info.nbytes
+        source.release(info)
+        source.release(info)
+        hub.faults.stall_s = 0.0
+        hub.faults.missing_files = {SHARD1}  # now both lenders of a failing download get its error
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            futures = [pool.submit(source.read_buffer, info) for _ in range(2)]
+            for fut in futures:
+                with pytest.raises(RemoteError, match="file not found"):
+                    fut.result()
+        assert source._lent == {}
 
 
 def test_revision_is_pinned_while_branch_moves(hub: FakeHub, sharded_dir: Path, tmp_path: Path) -> None:

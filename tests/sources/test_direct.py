@@ -6,13 +6,16 @@ cover the client's own promises: connection reuse, never reusing a half-read con
 
 from __future__ import annotations
 
+import socket
 import threading
+import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import pytest
 
+from weightdiff.sources import direct
 from weightdiff.sources.direct import DirectClient, TooManyRedirects, UnsupportedURL
 
 BODY = bytes(range(256)) * 4096  # 1 MiB, every byte position distinguishable modulo 256
@@ -36,6 +39,16 @@ class _Handler(BaseHTTPRequestHandler):
             self._answer(302, b"", [("Location", "/loop")])
         elif self.path == "/ftp":
             self._answer(302, b"", [("Location", "ftp://127.0.0.1/x")])
+        elif self.path == "/space":
+            self._answer(302, b"", [("Location", "/a file/\u00e9t\u00e9?x=1 2")])
+        elif self.path == "/cut":  # announces the whole body, sends half, hangs up (no "Connection: close")
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(BODY)))
+            self.end_headers()
+            self.wfile.write(BODY[: len(BODY) // 2])
+            self.wfile.flush()
+            self.connection.shutdown(socket.SHUT_RDWR)
+            self.close_connection = True
         elif self.path == "/chunked":
             self.send_response(200)
             self.send_header("Transfer-Encoding", "chunked")
@@ -56,10 +69,11 @@ class _Handler(BaseHTTPRequestHandler):
         self.wfile.write(body)
 
 
-@pytest.fixture
-def server() -> Iterator[tuple[str, list[dict[str, Any]]]]:
+@pytest.fixture(params=[None])
+def server(request: pytest.FixtureRequest) -> Iterator[tuple[str, list[dict[str, Any]]]]:
     seen: list[dict[str, Any]] = []
-    handler = type("Handler", (_Handler,), {"seen": seen})
+    # ``timeout``: how long the server keeps an idle keep-alive connection open (None: for ever).
+    handler = type("Handler", (_Handler,), {"seen": seen, "timeout": request.param})
     httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
     httpd.daemon_threads = True
     thread = threading.Thread(target=httpd.serve_forever, args=(0.05,), daemon=True)
@@ -155,3 +169,42 @@ def test_a_closed_client_refuses_new_requests(server: tuple[str, list[dict[str, 
     client.close()
     with pytest.raises(OSError, match="closed"):
         client.get(f"{url}/body", lambda _u: {})
+
+
+@pytest.mark.parametrize("server", [0.2], indirect=True)
+def test_a_connection_the_server_closed_while_idle_is_replaced_quietly(server) -> None:
+    url, seen = server
+    client = _client()
+    for _ in range(2):
+        with client.get(f"{url}/body", lambda _u: {}) as response:
+            assert _read_all(response, len(BODY)) == BODY
+        time.sleep(0.5)  # the server hangs up the idle connection after 0.2 s
+    assert len(seen) == 2 and len({tuple(s["peer"]) for s in seen}) == 2
+    client.close()
+
+
+def test_a_body_cut_short_drops_its_connection(
+    server: tuple[str, list[dict[str, Any]]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    url, seen = server
+    monkeypatch.setattr(
+        direct, "_STALE", ()
+    )  # no quiet second attempt: the dead connection must not be reused
+    client = _client()
+    with client.get(f"{url}/cut", lambda _u: {}) as response:
+        assert len(_read_all(response, len(BODY))) < len(BODY)
+    with client.get(f"{url}/body", lambda _u: {}) as response:
+        assert _read_all(response, len(BODY)) == BODY
+    assert len({tuple(s["peer"]) for s in seen}) == 2
+    client.close()
+
+
+def test_redirect_targets_are_quoted(server: tuple[str, list[dict[str, Any]]]) -> None:
+    url, seen = server
+    client = _client()
+    with client.get(f"{url}/space", lambda _u: {}) as response:
+        assert response.status_code == 200 and _read_all(response, len(BODY)) == BODY
+    assert seen[-1]["path"] == "/a%20file/%C3%A9t%C3%A9?x=1%202"
+    with pytest.raises(UnsupportedURL, match="invalid URL"):
+        client.get(url.replace(url.rsplit(":", 1)[1], "99999") + "/x", lambda _u: {})
+    client.close()

@@ -387,7 +387,7 @@ def spectral_metrics(base: torch.Tensor, tuned: torch.Tensor, opts: SpectralOpti
         # sigma_1(dW) for the stable rank: the fast solver's float32 Krylov run takes dW in float32.
         if not lean:
             D = W1 - W0
-        elif W1.dtype == torch.float32 and W1.data_ptr() != tuned.data_ptr():
+        elif W1.dtype == W0.dtype == torch.float32 and W1.data_ptr() != tuned.data_ptr():
             D = W1.sub_(W0)  # W+'s own float32 copy, not needed any more
         else:
             D = W1.to(torch.float32) - W0.to(torch.float32)

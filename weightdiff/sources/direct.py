@@ -27,9 +27,13 @@ import ssl
 import threading
 from collections.abc import Callable
 from typing import Any
-from urllib.parse import urljoin, urlsplit
+from urllib.parse import quote, urljoin, urlsplit
 
 REDIRECTS = frozenset({301, 302, 303, 307, 308})
+#: Characters left as they are when a request target is quoted (RFC 3986 reserved ones, and "%").
+_URL_SAFE = "/?#[]@!$&'()*+,;=:%~"
+#: Failures of a reused keep-alive connection before any answer: the server had closed it.
+_STALE = (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError, ConnectionAbortedError)
 #: A redirect or error body up to this size is read to the end so that its connection can be reused.
 SMALL_BODY = 64 * 1024
 
@@ -69,6 +73,8 @@ class DirectResponse:
         """Finish with the answer; its connection is reused only when the body was read to its end."""
         raw = self._raw
         if raw.isclosed():
+            if raw.length:  # the server closed the connection before the announced end of the body
+                self._on_abandon(self._conn)
             return
         length = raw.length
         if length is not None and length <= SMALL_BODY and not raw.will_close:
@@ -137,22 +143,37 @@ class DirectClient:
     # ------------------------------------------------------------------------------------------- internals
 
     def _send(self, url: str, headers: dict[str, str], history: list[DirectResponse]) -> DirectResponse:
-        parts = urlsplit(url)
+        try:
+            parts = urlsplit(url)
+            port = parts.port  # raises ValueError for a port that is not a number in range
+        except ValueError:
+            raise UnsupportedURL(f"invalid URL {url.split('?')[0]!r}") from None
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise UnsupportedURL(f"unsupported URL {url.split('?')[0]!r}")
-        target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-        origin = (parts.scheme, parts.hostname, parts.port)
-        conn = self._connection(origin)
-        try:
-            conn.request("GET", target, headers={**self.headers, **headers})
-            raw = conn.getresponse()
-        except BaseException:
-            self._drop(conn)
-            raise
-        return DirectResponse(raw, conn, url, history, self._drop)
+        # Quoted as httpx would: a redirect target may carry spaces or non-ASCII; existing escapes stay.
+        target = quote((parts.path or "/") + (f"?{parts.query}" if parts.query else ""), safe=_URL_SAFE)
+        origin = (parts.scheme, parts.hostname, port or (443 if parts.scheme == "https" else 80))
+        for attempt in (1, 2):
+            conn = self._connection(origin)
+            reused = conn.sock is not None
+            try:
+                conn.request("GET", target, headers={**self.headers, **headers})
+                raw = conn.getresponse()
+            except _STALE as exc:
+                self._drop(conn)
+                # A kept-alive connection that the server closed while idle fails before any answer; a GET
+                # may be sent again at once on a fresh connection (not counted as a try).
+                if reused and attempt == 1:
+                    continue
+                raise exc from None
+            except BaseException:
+                self._drop(conn)
+                raise
+            return DirectResponse(raw, conn, url, history, self._drop)
+        raise AssertionError("unreachable")  # pragma: no cover
 
-    def _connection(self, origin: tuple[str, str, int | None]) -> http.client.HTTPConnection:
-        conns: dict[tuple[str, str, int | None], http.client.HTTPConnection] | None = getattr(
+    def _connection(self, origin: tuple[str, str, int]) -> http.client.HTTPConnection:
+        conns: dict[tuple[str, str, int], http.client.HTTPConnection] | None = getattr(
             self._local, "conns", None
         )
         if conns is None:
@@ -179,18 +200,24 @@ class DirectClient:
             self._all.discard(conn)
 
 
-def default_ssl_context(httpx: Any) -> ssl.SSLContext:
+def default_ssl_context(httpx: Any, for_direct: bool = False) -> ssl.SSLContext:
     """The SSL context httpx would use, so that both clients trust the same certificates.
 
-    Built once per certificate setting (``SSL_CERT_FILE`` / ``SSL_CERT_DIR``) and shared: loading the
-    certificate store takes tens of milliseconds, and every source opens two clients.
+    Built once per certificate setting (``SSL_CERT_FILE`` / ``SSL_CERT_DIR``) and client kind, and shared:
+    loading the certificate store takes tens of milliseconds, and every source opens two clients. The direct
+    client gets a context of its own, fixed to HTTP/1.1, because httpx sets the ALPN protocols of the context
+    it is given on every connection.
     """
-    return _ssl_context(httpx, os.environ.get("SSL_CERT_FILE"), os.environ.get("SSL_CERT_DIR"))
+    return _ssl_context(httpx, os.environ.get("SSL_CERT_FILE"), os.environ.get("SSL_CERT_DIR"), for_direct)
 
 
-@functools.lru_cache(maxsize=4)
-def _ssl_context(httpx: Any, cafile: str | None, capath: str | None) -> ssl.SSLContext:
+@functools.lru_cache(maxsize=8)
+def _ssl_context(httpx: Any, cafile: str | None, capath: str | None, for_direct: bool) -> ssl.SSLContext:
     del cafile, capath  # the cache key: httpx reads them from the environment itself
     if httpx is not None and hasattr(httpx, "create_ssl_context"):
-        return httpx.create_ssl_context()
-    return ssl.create_default_context()  # pragma: no cover - every supported httpx has create_ssl_context
+        context = httpx.create_ssl_context()
+    else:  # pragma: no cover - every supported httpx has create_ssl_context
+        context = ssl.create_default_context()
+    if for_direct:
+        context.set_alpn_protocols(["http/1.1"])
+    return context

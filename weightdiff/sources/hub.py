@@ -186,6 +186,16 @@ def _is_offline() -> bool:
     return bool(constants.HF_HUB_OFFLINE) or env.strip().upper() in ("1", "ON", "YES", "TRUE")
 
 
+@dataclasses.dataclass(eq=False)
+class _Lent:
+    """A byte range lent by ``read_buffer``: how many lenders hold it, and its buffer once downloaded."""
+
+    lenders: int = 1
+    buf: memoryview | None = None
+    ready: threading.Event = dataclasses.field(default_factory=threading.Event)
+    error: BaseException | None = None
+
+
 def _new_buffer(n: int) -> memoryview:
     # Anonymous memory that the kernel maps and zeroes in one call (MAP_POPULATE, Linux): bytearray(n) costs
     # a memset on top of one page fault per 4 KiB page, which was the largest single cost of a loopback
@@ -327,7 +337,7 @@ class HubSource(Source):
         self._direct: direct.DirectClient | None = None
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None
         # Download buffers lent by read_buffer (by byte range) and returned ones kept for reuse (by size).
-        self._lent: dict[tuple[str, int, int], list[Any]] = {}  # range -> [lenders, buffers]
+        self._lent: dict[tuple[str, int, int], _Lent] = {}  # by byte range
         self._spare: list[memoryview] = []
         self._spare_bytes = 0
         try:
@@ -356,7 +366,7 @@ class HubSource(Source):
                         self._direct = direct.DirectClient(
                             timeout=self.timeout,
                             max_redirects=self.max_redirects,
-                            ssl_context=direct.default_ssl_context(httpx),
+                            ssl_context=direct.default_ssl_context(httpx, for_direct=True),
                             headers={"Accept-Encoding": "identity", "User-Agent": "weightdiff"},
                         )
                     self._pool = concurrent.futures.ThreadPoolExecutor(
@@ -410,17 +420,33 @@ class HubSource(Source):
         key = (info.file, info.start, info.end)
         n = info.nbytes
         with self._lock:
-            lent = self._lent.get(key)
-            if lent is not None:
-                lent[0] += 1
-                return lent[1][0][:n]
-            buf = self._take_spare(n)
-        buf = buf if buf is not None else _new_buffer(n)
-        view = self._stream_into(info, buf[:n])
-        with self._lock:
-            entry = self._lent.setdefault(key, [0, []])
-            entry[0] += 1
-            entry[1].append(buf)
+            entry = self._lent.get(key)
+            if entry is None:
+                # Registered before the download starts, so that a second lender asking meanwhile (the two
+                # sides of a pair are fetched at once, and an adapter's untouched tensors come from the base)
+                # waits for this download instead of starting its own.
+                entry = self._lent[key] = _Lent()
+                buf = self._take_spare(n)
+                mine = True
+            else:
+                entry.lenders += 1
+                mine = False
+        if not mine:
+            entry.ready.wait()
+            if entry.error is None and entry.buf is not None:
+                return entry.buf[:n]
+            self.release(info)
+            raise entry.error if entry.error is not None else AssertionError("lent range without a buffer")
+        try:
+            buf = buf if buf is not None else _new_buffer(n)
+            view = self._stream_into(info, buf[:n])
+        except BaseException as exc:
+            entry.error = exc
+            entry.ready.set()
+            self.release(info)
+            raise
+        entry.buf = buf
+        entry.ready.set()
         return view
 
     def _take_spare(self, n: int) -> memoryview | None:
@@ -449,17 +475,17 @@ class HubSource(Source):
             return
         key = (info.file, info.start, info.end)
         with self._lock:
-            lent = self._lent.get(key)
-            if lent is None:
+            entry = self._lent.get(key)
+            if entry is None:
                 return  # a tensor from read(): it owns its buffer, freed with it
-            lent[0] -= 1
-            if lent[0] > 0:
+            entry.lenders -= 1
+            if entry.lenders > 0:
                 return
             del self._lent[key]
-            for buf in lent[1]:
-                if self._spare_bytes + len(buf) <= SPARE_BYTES:
-                    self._spare.append(buf)
-                    self._spare_bytes += len(buf)
+            buf = entry.buf
+            if buf is not None and self._spare_bytes + len(buf) <= SPARE_BYTES:
+                self._spare.append(buf)
+                self._spare_bytes += len(buf)
 
     def describe(self) -> dict[str, str]:
         return {"kind": "hub", "given": self.given, "resolved": f"{self.repo_id}@{self.sha}"}
@@ -867,13 +893,16 @@ class HubSource(Source):
         failed = next(
             (f for f in futures if f.done() and not f.cancelled() and f.exception() is not None), None
         )
-        if failed is not None:
+        # A part cancelled by close() never ran, so ``out`` is not filled: that is a failure too.
+        if failed is not None or any(f.cancelled() for f in futures):
             for fut in futures:
                 fut.cancel()
             concurrent.futures.wait(
                 futures
             )  # parts already running still write into ``out``: let them finish
-            raise failed.exception()  # type: ignore[misc]
+            if failed is not None:
+                raise failed.exception()  # type: ignore[misc]
+            raise InputError(f"{self._label(file)}: source closed while reading")
 
     def _fetch(
         self,
@@ -933,6 +962,9 @@ class HubSource(Source):
             raise self._error(f"{self._label(file)}: {_describe_exc(exc)}") from None
         except TimeoutError as exc:
             raise _Transient(f"timed out after {self.timeout:g}s ({type(exc).__name__})") from None
+        except http.client.InvalidURL:
+            # Permanent, and its message would repeat a signed storage URL: say what, not where.
+            raise self._error(f"{self._label(file)}: the server redirected to an invalid URL") from None
         except ssl.SSLCertVerificationError as exc:
             raise self._error(f"{self._label(file)}: {_describe_exc(exc)}") from None
         except (OSError, http.client.HTTPException) as exc:

@@ -13,6 +13,7 @@ import contextlib
 import json
 import mmap
 import os
+import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -126,21 +127,26 @@ class LocalSource(Source):
                         f"{self.path / INDEX_NAME}: maps tensor {name!r} to {shard}, which does not hold it"
                     )
         self._maps: dict[str, mmap.mmap] = {}
+        self._maps_lock = threading.Lock()  # the reader maps a pair's two sides from two threads
 
     def tensors(self) -> dict[str, TensorInfo]:
         return dict(self._tensors)
 
     def _map(self, file: str) -> mmap.mmap:
         mm = self._maps.get(file)
-        if mm is None:
-            try:
-                with open(file, "rb") as fh:
-                    # ACCESS_COPY gives a writable (private) mapping, so torch can view it without a copy or a
-                    # warning; nothing ever writes to it.
-                    mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_COPY)
-            except (OSError, ValueError) as exc:
-                raise InputError(f"{file}: cannot map file for reading ({exc})") from None
-            self._maps[file] = mm
+        if mm is not None:
+            return mm
+        with self._maps_lock:
+            mm = self._maps.get(file)
+            if mm is None:
+                try:
+                    with open(file, "rb") as fh:
+                        # ACCESS_COPY gives a writable (private) mapping, so torch can view it without a copy
+                        # or a warning; nothing ever writes to it.
+                        mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_COPY)
+                except (OSError, ValueError) as exc:
+                    raise InputError(f"{file}: cannot map file for reading ({exc})") from None
+                self._maps[file] = mm
         return mm
 
     def read(self, info: TensorInfo) -> torch.Tensor:
