@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import threading
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -241,3 +242,24 @@ def test_interrupt_while_waiting_leaves_no_kernel_chunk_running(tmp_path, monkey
         list(compare_pairs(b, t, plan, EngineOptions(spectral=False, device="cpu")))
     assert len(submitted) == 128
     assert all(f.done() for f in submitted)
+
+
+def test_reader_loads_both_sides_of_a_job_at_once_and_passes_on_a_sides_error():
+    both_in = threading.Barrier(2, timeout=5)  # passes only if the two sides' loads run at the same time
+
+    def part(name: str) -> tuple[None, SimpleNamespace]:
+        return (None, SimpleNamespace(name=name, nbytes=1))
+
+    def load(src, info):
+        both_in.wait()
+        if info.name == "bad":
+            raise InputError("tuned side failed")
+        return info.name
+
+    reader = Reader([ReadJob("pair", (part("base"), part("tuned")))], 1 << 20, load=load)  # type: ignore[arg-type]
+    assert [loaded for _job, loaded in reader] == [["base", "tuned"]]
+    reader.close()
+    reader = Reader([ReadJob("pair", (part("ok"), part("bad")))], 1 << 20, load=load)  # type: ignore[arg-type]
+    with pytest.raises(InputError, match="tuned side failed"):
+        list(reader)
+    reader.close()

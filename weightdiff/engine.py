@@ -17,7 +17,6 @@ schema's column names).
 
 from __future__ import annotations
 
-import concurrent.futures
 import os
 import queue
 import sys
@@ -231,7 +230,6 @@ class Reader:
         self.in_flight = 0
         self.cond = threading.Condition()
         self.stop = False
-        self._pool: concurrent.futures.ThreadPoolExecutor | None = None
         self.thread = threading.Thread(target=self._run, name="weightdiff-reader", daemon=True)
         self.thread.start()
 
@@ -256,17 +254,33 @@ class Reader:
 
     def _load_parts(self, job: ReadJob) -> list[Any]:
         # A pair's two sides load at once: over the network each is a round trip (or several) whose waits
-        # overlap; on local disk the second side's page faults overlap the first's.
+        # overlap; on local disk the second side's page faults overlap the first's. The helper threads are
+        # daemons, as the reader is: a load still retrying when the run is abandoned never holds up exit.
         if len(job.parts) == 1:
             return [self.load(*job.parts[0])]
-        if self._pool is None:
-            self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="weightdiff-reader")
-        rest = [self._pool.submit(self.load, src, info) for src, info in job.parts[1:]]
+        loaded: list[Any] = [None] * len(job.parts)
+        errors: list[BaseException] = []
+
+        def side(i: int, src: Source, info: TensorInfo) -> None:
+            try:
+                loaded[i] = self.load(src, info)
+            except BaseException as exc:  # re-raised on the reader thread below
+                errors.append(exc)
+
+        helpers = [
+            threading.Thread(target=side, args=(i, src, info), name="weightdiff-reader-side", daemon=True)
+            for i, (src, info) in enumerate(job.parts[1:], start=1)
+        ]
+        for t in helpers:
+            t.start()
         try:
-            first = self.load(*job.parts[0])
+            loaded[0] = self.load(*job.parts[0])
         finally:
-            concurrent.futures.wait(rest)
-        return [first, *(f.result() for f in rest)]
+            for t in helpers:
+                t.join()
+        if errors:
+            raise errors[0]
+        return loaded
 
     def __iter__(self) -> Iterator[tuple[ReadJob, list[Any]]]:
         while True:
@@ -292,8 +306,6 @@ class Reader:
             self.stop = True
             self.cond.notify_all()
         self.thread.join(timeout=5)
-        if self._pool is not None:
-            self._pool.shutdown(wait=False)
 
 
 def compare_pairs(
