@@ -180,11 +180,10 @@ def test_bpe_from_the_converted_json_splits_digits_one_by_one(tmp_path):
         assert bpe.PAT_STDLIB.findall(s) == bpe.PAT.findall(s)
 
 
-def test_gqa_attention_matches_a_repeat_interleave_reference():
-    _, _, _, train = _smollm2_modules()
-    torch.manual_seed(0)
-    cfg = train.ModelConfig(
-        vocab_size=40,
+def _tiny_gqa_config(train, vocab_size: int):
+    """A two-layer SmolLM2-shaped ModelConfig: 4 query heads sharing 2 key/value heads, tied embeddings."""
+    return train.ModelConfig(
+        vocab_size=vocab_size,
         hidden_size=32,
         intermediate_size=48,
         num_hidden_layers=2,
@@ -192,6 +191,12 @@ def test_gqa_attention_matches_a_repeat_interleave_reference():
         num_key_value_heads=2,
         tie_word_embeddings=True,
     )
+
+
+def test_gqa_attention_matches_a_repeat_interleave_reference():
+    _, _, _, train = _smollm2_modules()
+    torch.manual_seed(0)
+    cfg = _tiny_gqa_config(train, vocab_size=40)
     model = train.LlamaForCausalLM(cfg).eval()
     attn = model.model.layers[0].self_attn
     assert attn.k_proj.weight.shape == (2 * 8, 32) and "lm_head.weight" not in model.state_dict()
@@ -264,15 +269,7 @@ class _FixedStream:
 
 def test_grpo_micro_batches_accumulate_the_full_batch_gradient():
     _, _, finetune, train = _smollm2_modules()
-    cfg = train.ModelConfig(
-        vocab_size=32,
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        tie_word_embeddings=True,
-    )
+    cfg = _tiny_gqa_config(train, vocab_size=32)
     torch.manual_seed(0)
     base = finetune.SmolLM2(cfg)
     ref = finetune.SmolLM2(cfg).eval().requires_grad_(False)

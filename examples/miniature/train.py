@@ -858,6 +858,11 @@ def run(cfg: RunConfig, out: Path, seed: int, log=print) -> dict:
         results["sft"] = sft(model, cfg.sft, stream, log)
     finish("sft")
 
+    return write_results(results, out, wall_start, cpu_start, log)
+
+
+def write_results(results: dict, out: Path, wall_start: float, cpu_start: float, log) -> dict:
+    """Add the run's totals (wall and CPU time, end load, checkpoint bytes) and write ``out/results.json``."""
     results["wall_time_s"]["total"] = round(time.perf_counter() - wall_start, 1)
     results["cpu_time_s"]["total"] = round(time.process_time() - cpu_start, 1)
     results["load_average_1min"]["end"] = round(os.getloadavg()[0], 2)

@@ -75,6 +75,7 @@ from train import (  # noqa: E402
     save_checkpoint,
     sft,
     timed,
+    write_results,
 )
 
 TOKENIZER_FILE = "tokenizer_gguf.json"
@@ -313,13 +314,7 @@ def run(cfg: FinetuneConfig, base_dir: Path, out: Path, seed: int, device: torch
         results["seconds_per_step"]["sft"] = round(results["wall_time_s"]["sft"] / cfg.sft.steps, 2)
         finish("sft")
 
-    results["wall_time_s"]["total"] = round(time.perf_counter() - wall_start, 1)
-    results["cpu_time_s"]["total"] = round(time.process_time() - cpu_start, 1)
-    results["load_average_1min"]["end"] = round(os.getloadavg()[0], 2)
-    results["checkpoint_bytes_total"] = sum(c["bytes"] for c in results["checkpoints"].values())
-    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    log(f"done in {results['wall_time_s']['total']} s; wrote {out / 'results.json'}")
-    return results
+    return write_results(results, out, wall_start, cpu_start, log)
 
 
 def main(argv: list[str] | None = None) -> None:

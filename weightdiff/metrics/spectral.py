@@ -312,13 +312,11 @@ def _update_terms(
     """||dW||_F^2 and U^T dW V for dW = W1 - W0, in float64, a block of rows at a time."""
     d2 = 0.0
     block = torch.zeros(U.shape[1], V.shape[1], dtype=torch.float64, device=W0.device)
-    buf0, buf1 = _block_buffer(W0, torch.float64), _block_buffer(W0, torch.float64)
+    wide = _block_buffer(W0, torch.float64)
     for s in _row_blocks(W0.shape[0]):
         rows = slice(s, s + _ROW_BLOCK)
-        n = W0[rows].shape[0]
-        D = buf1[:n]
-        D.copy_(W1[rows])
-        D.sub_(buf0[:n].copy_(W0[rows]))
+        # W0's rows are widened inside the subtraction: float64 holds every narrower value exactly.
+        D = wide[: W0[rows].shape[0]].copy_(W1[rows]).sub_(W0[rows])
         d2 += float(torch.dot(D.reshape(-1), D.reshape(-1)))
         block += U[rows].T @ (D @ V)
     return d2, block
@@ -391,14 +389,13 @@ def spectral_metrics(base: torch.Tensor, tuned: torch.Tensor, opts: SpectralOpti
             D = W1.sub_(W0)  # W+'s own float32 copy, not needed any more
         else:
             D = W1.to(torch.float32) - W0.to(torch.float32)
-        del W1
         s1 = _spectral_norm(D, opts, solver)
         del D
         cols["delta_stable_rank"] = d2 / (s1 * s1) if s1 > 0 else None
     else:
-        del W1
         cols["principal_energy"] = None
         cols["delta_stable_rank"] = None
+    del W1
 
     # Masks (metrics.md section 2): U = elements changed in bf16; P = largest |rank-r reconstruction|;
     # L = smallest |W0|. Thresholds are order statistics, ties included, and densities are measured.
