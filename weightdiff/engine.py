@@ -4,8 +4,8 @@ Two ways through, one contract (rows in plan order, at most a byte budget of ten
 pair's data handed back to its source as soon as its row is made):
 
 - the tensor path, for GPUs and spectral metrics: a background reader thread fetches the next pairs' tensors
-  (a view of a memory map faulted in, or a Hub range read) while the current pair is moved to the device and
-  computed by the pure metric functions;
+  (a view of a memory map faulted in, or a Hub range read) and, on CUDA, copies them to the device on its own
+  stream, while the current pair is computed by the pure metric functions;
 - the fused path, for element-wise metrics on the CPU: each pair's stored bytes go straight to the C kernel
   (metrics/fused.py), split into chunks that a thread pool runs while the next pairs are read. It never imports
   torch, and the pool's threads fault the mapped pages in themselves, in parallel. A pair whose source makes
@@ -128,6 +128,8 @@ def resolve_device(spec: str) -> tuple[torch.device, str]:
 # gram solvers: both matrices, the update, the rank-r reconstruction and its magnitudes (about 5 float64
 # matrices plus boolean masks). The fast solver's float32 working set stays below it.
 SPECTRAL_BYTES_PER_ELEMENT = 6 * 8
+#: Read-ahead on CUDA when no --max-memory is given (see compare_pairs).
+CUDA_PREFETCH_BYTES = 1 << 30
 # Bytes of temporaries per element in the chunked element-wise path (float64 copies, masks, bf16 roundings).
 ELEMENTWISE_BYTES_PER_ELEMENT = 48
 
@@ -321,6 +323,11 @@ def compare_pairs(
     device, _why = device_name(options.device)
     timings = timings if timings is not None else Timings()
     mem = memory_plan(plan, options)
+    if device.startswith("cuda") and options.max_memory is None:
+        # On CUDA the read-ahead is held in device memory, not the host's, and 256 MiB is less than one layer
+        # of an 8B model: the copies of the next pairs could not keep ahead of the metrics (on the H100 the
+        # reader sat idle a third of the run).
+        mem = MemoryPlan(max(mem.prefetch_bytes, CUDA_PREFETCH_BYTES), mem.chunk)
     if device == "cpu" and not options.spectral and fused.available():
         yield from _fused_rows(base, tuned, plan, options, mem, on_progress, timings)
     else:
@@ -449,16 +456,17 @@ def _tensor_rows(
         )
         spectral_fn = spectral_metrics
     jobs = [ReadJob(pair, ((base, pair.base), (tuned, pair.tuned))) for pair in plan.pairs]
-    # No pinned staging buffers: on the H100 run (docs/performance.md) allocating pinned memory per tensor cost
-    # more than it saved; a plain copy from the page-cache-backed map runs at about 8.5 GB/s.
-    reader = Reader(jobs, mem.prefetch_bytes, timings=timings)
+    copier = _DeviceCopier(device) if device.type == "cuda" else None
+    reader = Reader(jobs, mem.prefetch_bytes, timings=timings, load=copier.load if copier else None)
     try:
         for job, (x, y) in reader:
             pair = job.key
             t1 = time.perf_counter()
-            if device.type != "cpu":
-                x = x.to(device, non_blocking=True)
-                y = y.to(device, non_blocking=True)
+            if copier is not None:
+                x, y = copier.arrive(x), copier.arrive(y)
+            elif device.type != "cpu":
+                x = x.to(device)
+                y = y.to(device)
             t2 = time.perf_counter()
             row = identity_columns(pair)
             try:
@@ -481,3 +489,47 @@ def _tensor_rows(
             yield row
     finally:
         reader.close()
+        if copier is not None:
+            timings.transfer += copier.seconds
+
+
+class _DeviceCopier:
+    """The reader's load on CUDA: each tensor is copied to the device on the reader's own stream, so the next
+    pairs' copies overlap the current pair's metrics; the compute stream waits for a copy's event, never for
+    the host.
+
+    The copy is from the memory map itself. No pinned staging: on the H100 run (docs/performance.md) pinning
+    a buffer per tensor cost more than it saved, and a copy from pageable memory returns only once the bytes
+    are staged, so the map may be released as soon as ``load`` returns.
+    """
+
+    def __init__(self, device: Any) -> None:
+        import torch
+
+        self.device = device
+        self.stream = torch.cuda.Stream(device)
+        self.seconds = 0.0
+        self.lock = threading.Lock()
+
+    def load(self, source: Source, info: TensorInfo) -> Any:
+        import torch
+
+        host = _load_tensor(source, info)
+        t0 = time.perf_counter()
+        with torch.cuda.device(self.device), torch.cuda.stream(self.stream):
+            dev = host.to(self.device, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record(self.stream)
+        with self.lock:
+            self.seconds += time.perf_counter() - t0
+        return dev, done
+
+    def arrive(self, loaded: Any) -> Any:
+        import torch
+
+        dev, done = loaded
+        current = torch.cuda.current_stream(self.device)
+        current.wait_event(done)
+        # Made on the copy stream, used and freed on the compute stream.
+        dev.record_stream(current)
+        return dev

@@ -320,3 +320,65 @@ def test_row_blocking_changes_nothing_and_inputs_stay_untouched(solver, dtype, m
         ref = reference.spectral(a.double().numpy(), b.double().numpy(), k=16, r=16)
         for c in ("principal_overlap", "principal_mask_density", "lowmag_overlap", "lowmag_mask_density"):
             assert blocked[c] == pytest.approx(ref[c], abs=1e-12), c
+
+
+def _partition_kth(x: torch.Tensor, pos: int) -> float:
+    a = x.numpy().copy()
+    a.partition(pos - 1)
+    return float(a[pos - 1])
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("case", ["normal", "zeros", "ties", "subnormal", "wide_range", "one_huge"])
+def test_radix_select_matches_partition(dtype, case, monkeypatch):
+    # The GPU order statistic behind the mask thresholds, run here on the CPU with tiny chunks and a tiny
+    # hand-off size so that every pass (chunked histograms, refinement to the last 16 bits) is exercised.
+    monkeypatch.setattr(spectral, "_RADIX_SMALL", 50)
+    monkeypatch.setattr(spectral, "_RADIX_CHUNK", 997)
+    g = torch.Generator().manual_seed(3)
+    n = 20011
+    x = {
+        "normal": lambda: torch.randn(n, generator=g, dtype=dtype).abs(),
+        "zeros": lambda: torch.zeros(n, dtype=dtype),
+        "ties": lambda: torch.randint(0, 4, (n,), generator=g).to(dtype) * 0.25,
+        "subnormal": lambda: torch.full((n,), torch.finfo(dtype).tiny / 8, dtype=dtype),
+        "wide_range": lambda: torch.exp(torch.randn(n, generator=g, dtype=torch.float64) * 20).to(dtype),
+        "one_huge": lambda: torch.cat([torch.ones(n - 1, dtype=dtype), torch.full((1,), 1e30, dtype=dtype)]),
+    }[case]()
+    if case == "subnormal":
+        x[::3] = 0.0
+    for pos in (1, 2, n // 3, n // 2, n - 1, n):
+        assert spectral.radix_kth_smallest(x.clone(), pos) == _partition_kth(x, pos), pos
+
+
+def test_lanczos_top_eigenvalue_matches_eigvalsh():
+    g = torch.Generator().manual_seed(5)
+    # A sparse random update (Marchenko-Pastur bulk: the top eigenvalues crowd together), a low-rank one
+    # (an invariant subspace stops the iteration early), and zero.
+    D = torch.randn(900, 400, generator=g, dtype=torch.float64) * (torch.rand(900, 400, generator=g) < 0.5)
+    L = torch.randn(400, 3, generator=g, dtype=torch.float64)
+    for G in (D.T @ D, L @ L.T):
+        ref = float(torch.linalg.eigvalsh(G)[-1])
+        assert spectral.top_eigenvalue(G) == pytest.approx(ref, rel=1e-12)
+    assert spectral.top_eigenvalue(torch.zeros(300, 300, dtype=torch.float64)) == 0.0
+
+
+def test_lanczos_gives_up_to_eigvalsh(monkeypatch):
+    # Too few steps allowed to converge on a crowded spectrum: the answer still comes, from eigvalsh.
+    monkeypatch.setattr(spectral, "_LANCZOS_MAX", 4)
+    monkeypatch.setattr(spectral, "_LANCZOS_FIRST", 2)
+    g = torch.Generator().manual_seed(6)
+    D = torch.randn(700, 300, generator=g, dtype=torch.float64)
+    G = D.T @ D
+    assert spectral.top_eigenvalue(G) == float(torch.linalg.eigvalsh(G)[-1])
+
+
+def test_gram_solver_above_the_lanczos_cutoff_matches_reference():
+    # 300 columns: the update's sigma_1 comes from Lanczos rather than eigvalsh, to float64 accuracy.
+    W0, W1 = make_pair("rl", m=420, n=300)
+    a, b = W0.float(), W1.float()
+    got = spectral_metrics(a, b, SpectralOptions(solver="gram", rank=16, principal_rank=16)).columns
+    ref = reference.spectral(a.double().numpy(), b.double().numpy(), k=16, r=16)
+    assert got["delta_stable_rank"] == pytest.approx(ref["delta_stable_rank"], rel=1e-9)
+    for c in COLS:
+        assert got[c] == pytest.approx(ref[c], abs=1e-6), c

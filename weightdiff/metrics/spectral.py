@@ -230,14 +230,65 @@ def _left_vectors(WV: torch.Tensor, S: torch.Tensor) -> torch.Tensor:
 def _kth_smallest(values: torch.Tensor, pos: int) -> float:
     """The value at 1-based position ``pos`` of ``values`` sorted ascending (an exact order statistic).
 
-    ``values`` is scratch: on the CPU it is partially sorted in place (numpy's introselect, several times
-    faster than torch.kthvalue, and no copy of a matrix-sized array)."""
+    ``values`` is scratch, non-negative (absolute values): on the CPU it is partially sorted in place (numpy's
+    introselect, several times faster than torch.kthvalue, and no copy of a matrix-sized array); elsewhere a
+    radix select on its bit patterns (``radix_kth_smallest``)."""
     flat = values.reshape(-1)
     if flat.device.type == "cpu" and flat.is_contiguous():
         arr = flat.numpy()
         arr.partition(pos - 1)
         return float(arr[pos - 1])
+    if flat.dtype in _ORDERED_BITS and flat.is_contiguous():
+        return radix_kth_smallest(flat, pos)
     return float(torch.kthvalue(flat, pos).values)
+
+
+#: Integer views under which non-negative floats sort as their bit patterns do.
+_ORDERED_BITS = {torch.float64: torch.int64, torch.float32: torch.int32}
+#: Radix select: bits per pass, elements per histogram chunk, and the candidate count small enough to finish
+#: with kthvalue.
+_RADIX_BITS = 16
+_RADIX_CHUNK = 1 << 26
+_RADIX_SMALL = 1 << 16
+
+
+def radix_kth_smallest(flat: torch.Tensor, pos: int) -> float:
+    """Exact value at 1-based position ``pos`` of the non-negative float64/float32 vector ``flat``, ascending.
+
+    For non-negative IEEE floats the order of the values is the order of their bit patterns read as signed
+    integers, so the k-th value is found 16 bits at a time: a histogram of the top bits (one bincount per
+    chunk) names the bucket that holds position ``pos``, the elements of that bucket are kept, and the next
+    16 bits refine it, until few enough remain for ``torch.kthvalue``. On a GPU this is a handful of passes
+    that use the whole device; ``torch.kthvalue`` on one matrix-sized slice runs in one thread block and took
+    seconds for an embedding. Ties need no care: equal values share every bucket.
+    """
+    if flat.numel() <= _RADIX_SMALL:
+        return float(torch.kthvalue(flat, pos).values)
+    bits = flat.view(_ORDERED_BITS[flat.dtype])
+    width = bits.element_size() * 8
+    shift = width - _RADIX_BITS
+    cand, k = bits, pos
+    while True:
+        hist = torch.zeros(1 << _RADIX_BITS, dtype=torch.int64, device=flat.device)
+        for s in range(0, cand.numel(), _RADIX_CHUNK):
+            keys = (cand[s : s + _RADIX_CHUNK] >> shift) & ((1 << _RADIX_BITS) - 1)
+            hist += torch.bincount(keys.to(torch.int64), minlength=1 << _RADIX_BITS)
+        cum = hist.cumsum(0)
+        bucket = int(torch.searchsorted(cum, torch.tensor([k], device=cum.device)))
+        k -= int(cum[bucket - 1]) if bucket else 0
+        # The keys are recomputed rather than kept: a matrix-sized int64 array would double the memory.
+        cand = torch.cat(
+            [
+                part[((part >> shift) & ((1 << _RADIX_BITS) - 1)) == bucket]
+                for part in cand.split(_RADIX_CHUNK)
+            ]
+        )
+        if shift == 0:
+            # Every bit is fixed: all candidates are one value.
+            return float(cand[:1].view(flat.dtype)[0])
+        if cand.numel() <= _RADIX_SMALL:
+            return float(torch.kthvalue(cand, k).values.reshape(1).view(flat.dtype)[0])
+        shift = max(0, shift - _RADIX_BITS)
 
 
 def _mask_threshold_desc(scratch: torch.Tensor, alpha: float) -> float:
@@ -256,13 +307,72 @@ def _spectral_norm(D: torch.Tensor, opts: SpectralOptions, solver: str) -> float
         return float(torch.linalg.matrix_norm(D, ord=2))
     if solver == "gram":
         gram = D.T @ D if D.shape[1] <= D.shape[0] else D @ D.T
-        return math.sqrt(max(0.0, float(torch.linalg.eigvalsh(gram)[-1])))
+        return math.sqrt(max(0.0, top_eigenvalue(gram, seed=opts.seed + 1)))
     # The largest singular value from a small Krylov block: only sigma_1 is needed, to about 1e-5 relative
     # (plenty for a stable rank), and extreme Ritz values converge within a few dozen steps.
     res = topk_svd_fast(
         D, 1, SpectralOptions(tol=1e-5, max_iter=60, seed=opts.seed + 1), block=16, float64_ritz=False
     )
     return float(res.S[0])
+
+
+#: Lanczos (``top_eigenvalue``): matrices up to this size go straight to eigvalsh; steps between convergence
+#: checks at first (doubled at each check); most steps before giving up and calling eigvalsh.
+_LANCZOS_DIRECT = 256
+_LANCZOS_FIRST = 32
+_LANCZOS_MAX = 512
+
+
+def top_eigenvalue(G: torch.Tensor, tol: float = 1e-13, seed: int = 0) -> float:
+    """Largest eigenvalue of the symmetric positive semi-definite float64 matrix ``G``, to ``tol`` relative.
+
+    Lanczos with full reorthogonalisation (twice, classical Gram-Schmidt) from a seeded random start. Between
+    checks it runs on the device without a host sync; at each check the tridiagonal matrix comes to the host
+    and the top Ritz value is accepted once its error bound, min(r, r^2 / gap) for the residual r and the gap
+    to the next Ritz value, is under ``tol`` times the value. Only sigma_1 of the update is wanted, and a
+    full eigvalsh of a 4096-wide Gram matrix costs far more than the few dozen matrix-vector products this
+    takes; if it has not converged after ``_LANCZOS_MAX`` steps, eigvalsh decides.
+    """
+    n = G.shape[0]
+    if n <= _LANCZOS_DIRECT:
+        return float(torch.linalg.eigvalsh(G)[-1])
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    V = torch.empty(n, _LANCZOS_MAX + 1, dtype=torch.float64, device=G.device)
+    v = torch.randn(n, generator=g, dtype=torch.float64).to(G.device)
+    V[:, 0] = v / torch.linalg.vector_norm(v)
+    alpha = torch.empty(_LANCZOS_MAX, dtype=torch.float64, device=G.device)
+    beta = torch.empty(_LANCZOS_MAX, dtype=torch.float64, device=G.device)
+    j, check = 0, _LANCZOS_FIRST
+    while True:
+        while j < check:
+            w = G @ V[:, j]
+            alpha[j] = torch.dot(w, V[:, j])
+            Q = V[:, : j + 1]
+            for _ in range(2):
+                w = w - Q @ (Q.T @ w)
+            beta[j] = torch.linalg.vector_norm(w)
+            V[:, j + 1] = w / beta[j].clamp(min=torch.finfo(torch.float64).tiny)
+            j += 1
+        a, b = alpha[:j].cpu().numpy(), beta[:j].cpu().numpy()
+        # An invariant subspace (beta ~ 0) ends the run: the Ritz values up to it are exact.
+        scale = max(float(abs(a).max(initial=0.0)), float(b.max(initial=0.0)), 1e-300)
+        stop = next((i for i in range(j) if b[i] <= 1e-14 * scale), None)
+        m = j if stop is None else stop + 1
+        T = torch.diag(torch.from_numpy(a[:m].copy()))
+        if m > 1:
+            off = torch.from_numpy(b[: m - 1].copy())
+            T += torch.diag(off, 1) + torch.diag(off, -1)
+        evals, evecs = torch.linalg.eigh(T)
+        theta = float(evals[-1])
+        if stop is not None or theta <= 0:
+            return max(theta, 0.0)
+        r = float(b[m - 1]) * abs(float(evecs[-1, -1]))
+        gap = theta - float(evals[-2]) if m > 1 else math.inf
+        if min(r, r * r / gap if gap > 0 else math.inf) <= tol * theta:
+            return theta
+        if j >= min(_LANCZOS_MAX, n - 1):
+            return float(torch.linalg.eigvalsh(G)[-1])
+        check = min(2 * j, _LANCZOS_MAX, n - 1)
 
 
 #: Rows per block when a matrix is widened to float64 piecewise (bounds the temporaries to a few MB per column).
@@ -351,6 +461,8 @@ def spectral_metrics(base: torch.Tensor, tuned: torch.Tensor, opts: SpectralOpti
         cols["svd_solver"] = None
         return SpectralResult(cols)
     need = max(k, r)
+    # On the H100 two float64 eigendecompositions on two streams took as long as one after the other (the
+    # solver keeps the device busy or syncs with the host), so the sides run in turn.
     if solver == "exact":
         t0, t1 = topk_svd_exact(W0, need), topk_svd_exact(W1, need)
     elif solver == "gram":
