@@ -162,8 +162,8 @@ class Deadline(Exception):
 
 
 def agreement_full(device: str) -> None:
-    """One bf16 pair wide enough for every device-specific path (Lanczos, radix select, two streams), all
-    metrics on the device against the same function on the CPU."""
+    """One bf16 pair wide enough for every device-specific path (Lanczos, radix select), all metrics on the
+    device against the same function on the CPU."""
     g = torch.Generator().manual_seed(2)
     W0 = torch.randn(1500, 700, generator=g) * 0.02
     W1 = W0 * (1 + (torch.rand(W0.shape, generator=g) < 0.5) * 0.01)

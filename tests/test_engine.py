@@ -62,6 +62,20 @@ def test_memory_plan_bounds_read_ahead_and_chunks(sources):
     assert memory_plan(plan, EngineOptions()).chunk is None
 
 
+def test_read_ahead_defaults_per_device_and_respects_what_is_asked(sources):
+    # 256 MiB of host memory by default; on CUDA (device memory) 1 GiB, unless --max-memory bounds it or the
+    # caller asked for a size, 0 included.
+    b, t = sources
+    plan = make_plan(b.tensors(), t.tensors())
+    assert memory_plan(plan, EngineOptions()).prefetch_bytes == 256 << 20
+    assert memory_plan(plan, EngineOptions(), "cuda").prefetch_bytes == 1 << 30
+    assert memory_plan(plan, EngineOptions(), "cuda:1").prefetch_bytes == 1 << 30
+    for asked in (0, 64 << 20):
+        assert memory_plan(plan, EngineOptions(prefetch_bytes=asked), "cuda").prefetch_bytes == asked
+    bounded = memory_plan(plan, EngineOptions(spectral=False, max_memory=64 << 20), "cuda")
+    assert bounded.prefetch_bytes == 16 << 20
+
+
 def test_memory_plan_refuses_a_pair_that_cannot_fit(sources):
     b, t = sources
     plan = make_plan(b.tensors(), t.tensors())

@@ -89,7 +89,7 @@ def compare(
     tuned_revision: str | None = None,
     token: str | None = None,
     download: bool = False,
-    prefetch_bytes: int = 256 << 20,
+    prefetch_bytes: int | None = None,
     max_memory: int | None = None,
     on_plan: Callable[[Plan, Source, Source], None] | None = None,
     on_progress: Callable[[Pair], None] | None = None,

@@ -50,8 +50,9 @@ class EngineOptions:
     principal_rank: int = 64
     alpha: float = 0.5
     svd: str = "auto"
-    #: Bytes of tensor data the reader may hold ahead of the compute side (0 = one pair at a time).
-    prefetch_bytes: int = 256 << 20
+    #: Bytes of tensor data the reader may hold ahead of the compute side (0 = one pair at a time; None =
+    #: the default for the device, see ``prefetch_default``).
+    prefetch_bytes: int | None = None
     #: Also return per-tensor singular values and angle vectors (for --spectra).
     keep_spectra: bool = False
     #: Bound on the memory the engine uses (host and device), in bytes; None = no bound (see memory_plan).
@@ -71,7 +72,9 @@ class EngineOptions:
 
 @dataclass
 class Timings:
-    """Where the time went, in seconds (read: waiting for data; compute: metrics, transfers included)."""
+    """Where the time went, in seconds: ``read_wait``, the compute side waiting for data; ``reader_busy``, the
+    reader loading it; ``transfer``, host-to-device copies (on CUDA issued by the reader, overlapping the
+    compute, summed over its threads); ``compute``, the metrics, including any wait for a copy to land."""
 
     read_wait: float = 0.0
     transfer: float = 0.0
@@ -128,7 +131,8 @@ def resolve_device(spec: str) -> tuple[torch.device, str]:
 # gram solvers: both matrices, the update, the rank-r reconstruction and its magnitudes (about 5 float64
 # matrices plus boolean masks). The fast solver's float32 working set stays below it.
 SPECTRAL_BYTES_PER_ELEMENT = 6 * 8
-#: Read-ahead on CUDA when no --max-memory is given (see compare_pairs).
+#: Read-ahead when none is asked for, and on CUDA without --max-memory (see prefetch_default).
+DEFAULT_PREFETCH_BYTES = 256 << 20
 CUDA_PREFETCH_BYTES = 1 << 30
 # Bytes of temporaries per element in the chunked element-wise path (float64 copies, masks, bf16 roundings).
 ELEMENTWISE_BYTES_PER_ELEMENT = 48
@@ -140,7 +144,20 @@ class MemoryPlan:
     chunk: int | None
 
 
-def memory_plan(plan: Plan, options: EngineOptions) -> MemoryPlan:
+def prefetch_default(options: EngineOptions, device: str = "cpu") -> int:
+    """The read-ahead in bytes: as asked, else 256 MiB, or on CUDA without --max-memory 1 GiB.
+
+    On CUDA the read-ahead is held in device memory, not the host's, and 256 MiB is less than one layer of an
+    8B model: the copies of the next pairs could not keep ahead of the metrics (on the H100 the reader sat idle
+    a third of the run, docs/performance.md)."""
+    if options.prefetch_bytes is not None:
+        return options.prefetch_bytes
+    if device.startswith("cuda") and options.max_memory is None:
+        return CUDA_PREFETCH_BYTES
+    return DEFAULT_PREFETCH_BYTES
+
+
+def memory_plan(plan: Plan, options: EngineOptions, device: str = "cpu") -> MemoryPlan:
     """How the engine stays under ``--max-memory``, or a clear error when one pair cannot.
 
     Read-ahead gets a quarter of the budget, element-wise temporaries are bounded by the chunk size, and every
@@ -148,9 +165,9 @@ def memory_plan(plan: Plan, options: EngineOptions) -> MemoryPlan:
     plan, before any tensor is read.
     """
     if options.max_memory is None:
-        return MemoryPlan(options.prefetch_bytes, None)
+        return MemoryPlan(prefetch_default(options, device), None)
     budget = options.max_memory
-    prefetch = min(options.prefetch_bytes, budget // 4)
+    prefetch = min(prefetch_default(options, device), budget // 4)
     chunk = max(1 << 16, (budget // 4) // ELEMENTWISE_BYTES_PER_ELEMENT)
     for pair in plan.pairs:
         need = pair.nbytes
@@ -322,12 +339,7 @@ def compare_pairs(
     """Yield one report row per planned pair, in plan order."""
     device, _why = device_name(options.device)
     timings = timings if timings is not None else Timings()
-    mem = memory_plan(plan, options)
-    if device.startswith("cuda") and options.max_memory is None:
-        # On CUDA the read-ahead is held in device memory, not the host's, and 256 MiB is less than one layer
-        # of an 8B model: the copies of the next pairs could not keep ahead of the metrics (on the H100 the
-        # reader sat idle a third of the run).
-        mem = MemoryPlan(max(mem.prefetch_bytes, CUDA_PREFETCH_BYTES), mem.chunk)
+    mem = memory_plan(plan, options, device)
     if device == "cpu" and not options.spectral and fused.available():
         yield from _fused_rows(base, tuned, plan, options, mem, on_progress, timings)
     else:
@@ -506,8 +518,12 @@ class _DeviceCopier:
     def __init__(self, device: Any) -> None:
         import torch
 
-        self.device = device
-        self.stream = torch.cuda.Stream(device)
+        # A bare "cuda" means the current device of the calling thread; the reader's threads have their own
+        # current device (0), so the index is fixed here.
+        self.device = (
+            device if device.index is not None else torch.device("cuda", torch.cuda.current_device())
+        )
+        self.stream = torch.cuda.Stream(self.device)
         self.seconds = 0.0
         self.lock = threading.Lock()
 

@@ -361,6 +361,10 @@ def test_lanczos_top_eigenvalue_matches_eigvalsh():
         ref = float(torch.linalg.eigvalsh(G)[-1])
         assert spectral.top_eigenvalue(G) == pytest.approx(ref, rel=1e-12)
     assert spectral.top_eigenvalue(torch.zeros(300, 300, dtype=torch.float64)) == 0.0
+    # Entries so small that a vector norm over them underflows: scaled first, as LAPACK does.
+    for tiny in (1e-300, 1e-250):
+        G = (D.T @ D) * tiny
+        assert spectral.top_eigenvalue(G) == pytest.approx(float(torch.linalg.eigvalsh(G)[-1]), rel=1e-12)
 
 
 def test_lanczos_gives_up_to_eigvalsh(monkeypatch):

@@ -230,7 +230,7 @@ def _left_vectors(WV: torch.Tensor, S: torch.Tensor) -> torch.Tensor:
 def _kth_smallest(values: torch.Tensor, pos: int) -> float:
     """The value at 1-based position ``pos`` of ``values`` sorted ascending (an exact order statistic).
 
-    ``values`` is scratch, non-negative (absolute values): on the CPU it is partially sorted in place (numpy's
+    ``values`` is scratch, with the sign bit clear (absolute values): on the CPU it is partially sorted in place (numpy's
     introselect, several times faster than torch.kthvalue, and no copy of a matrix-sized array); elsewhere a
     radix select on its bit patterns (``radix_kth_smallest``)."""
     flat = values.reshape(-1)
@@ -253,7 +253,8 @@ _RADIX_SMALL = 1 << 16
 
 
 def radix_kth_smallest(flat: torch.Tensor, pos: int) -> float:
-    """Exact value at 1-based position ``pos`` of the non-negative float64/float32 vector ``flat``, ascending.
+    """Exact value at 1-based position ``pos`` of the float64/float32 vector ``flat``, ascending, for values
+    with the sign bit clear (absolute values: NaN sorts last, -0.0 must have been made +0.0).
 
     For non-negative IEEE floats the order of the values is the order of their bit patterns read as signed
     integers, so the k-th value is found 16 bits at a time: a histogram of the top bits (one bincount per
@@ -336,6 +337,17 @@ def top_eigenvalue(G: torch.Tensor, tol: float = 1e-13, seed: int = 0) -> float:
     n = G.shape[0]
     if n <= _LANCZOS_DIRECT:
         return float(torch.linalg.eigvalsh(G)[-1])
+    # Scaled to a largest entry of 1, as LAPACK scales: norms of vectors of tiny entries would underflow.
+    scale = float(G.abs().max())
+    if scale == 0.0 or not math.isfinite(scale):
+        return float(torch.linalg.eigvalsh(G)[-1])
+    top = _lanczos_top(G / scale, tol, seed)
+    return scale * top if top is not None else float(torch.linalg.eigvalsh(G)[-1])
+
+
+def _lanczos_top(G: torch.Tensor, tol: float, seed: int) -> float | None:
+    """``top_eigenvalue`` of a matrix whose largest entry is 1; None when it has not converged."""
+    n = G.shape[0]
     g = torch.Generator(device="cpu").manual_seed(seed)
     V = torch.empty(n, _LANCZOS_MAX + 1, dtype=torch.float64, device=G.device)
     v = torch.randn(n, generator=g, dtype=torch.float64).to(G.device)
@@ -354,9 +366,9 @@ def top_eigenvalue(G: torch.Tensor, tol: float = 1e-13, seed: int = 0) -> float:
             V[:, j + 1] = w / beta[j].clamp(min=torch.finfo(torch.float64).tiny)
             j += 1
         a, b = alpha[:j].cpu().numpy(), beta[:j].cpu().numpy()
-        # An invariant subspace (beta ~ 0) ends the run: the Ritz values up to it are exact.
-        scale = max(float(abs(a).max(initial=0.0)), float(b.max(initial=0.0)), 1e-300)
-        stop = next((i for i in range(j) if b[i] <= 1e-14 * scale), None)
+        # An invariant subspace (beta ~ 0; G's largest entry is 1) ends the run: the Ritz values up to it are
+        # exact.
+        stop = next((i for i in range(j) if b[i] <= 1e-14), None)
         m = j if stop is None else stop + 1
         T = torch.diag(torch.from_numpy(a[:m].copy()))
         if m > 1:
@@ -371,7 +383,7 @@ def top_eigenvalue(G: torch.Tensor, tol: float = 1e-13, seed: int = 0) -> float:
         if min(r, r * r / gap if gap > 0 else math.inf) <= tol * theta:
             return theta
         if j >= min(_LANCZOS_MAX, n - 1):
-            return float(torch.linalg.eigvalsh(G)[-1])
+            return None
         check = min(2 * j, _LANCZOS_MAX, n - 1)
 
 
