@@ -386,3 +386,19 @@ def test_gram_solver_above_the_lanczos_cutoff_matches_reference():
     assert got["delta_stable_rank"] == pytest.approx(ref["delta_stable_rank"], rel=1e-9)
     for c in COLS:
         assert got[c] == pytest.approx(ref[c], abs=1e-6), c
+
+
+def test_fast_solver_with_k_above_the_block_size():
+    # k = 64 grows the space 32 columns a step (KRYLOV_BLOCK): same tolerances against the float64 reference.
+    assert spectral.KRYLOV_BLOCK < 64
+    W0, W1 = noise_bulk_pair(700, 400)
+    got = spectral_metrics(W0, W1, SpectralOptions(solver="fast", rank=64, principal_rank=64)).columns
+    ref = reference.spectral(W0.double().numpy(), W1.double().numpy(), k=64, r=64)
+    for c in COLS:
+        assert abs(got[c] - ref[c]) <= 0.01 + 0.02 * abs(ref[c]), (c, got[c], ref[c])
+    assert got["sv_drift_topk"] == pytest.approx(ref["sv_drift_topk"], rel=1e-3, abs=1e-9)
+    for c in ("principal_overlap", "lowmag_overlap", "principal_mask_density"):
+        assert abs(got[c] - ref[c]) <= 0.005, c
+    res = topk_svd_fast(W0, 64, SpectralOptions())
+    ref_s = np.linalg.svd(W0.double().numpy(), compute_uv=False)[:64]
+    assert np.max(np.abs(res.S.numpy() - ref_s) / ref_s) < 1e-6

@@ -33,6 +33,8 @@ from weightdiff.metrics.elementwise import round_to_bf16
 
 #: Matrices whose smaller side is at most this use the exact solver under ``auto`` on the CPU.
 AUTO_EXACT_MAX_DIM = 256
+#: fast solver: default Krylov block (columns per step) when k is larger.
+KRYLOV_BLOCK = 32
 #: fast solver: Ritz values below this fraction of sigma_1 are not checked for convergence (float32 products
 #: leave them noise at about 1e-7 sigma_1, so they never settle to a relative tolerance).
 RITZ_FLOOR = 1e-4
@@ -147,13 +149,19 @@ def topk_svd_fast(
     sigma_1 is wanted for a ratio. A space that fills the whole side gives every value, as ``gram`` does.
     ``first_check``: the step at which checking may start (a tuned matrix converges about when its base did,
     so it skips the checks before; it still stops only on a passed check).
+
+    ``block``: columns added per step, by default ``min(k, KRYLOV_BLOCK)``. Smaller blocks reach the
+    tolerance with a smaller space (fewer products in all, and Gram-Schmidt and Ritz checks on fewer
+    columns) at the price of more steps: on k = 64, 32 columns a step beat 64 on every shape measured
+    (docs/performance.md), while 16 ran out of steps on pure noise. A block Krylov space finds at most
+    ``block`` vectors of an exactly repeated singular value, which trained weights do not have.
     """
     m, n = W.shape
     if n > m:
         # The basis lives on the smaller side: fewer rows to orthogonalise, and a smaller space to fill.
         t = topk_svd_fast(W.T, k, opts, block, float64_ritz, first_check)
         return TopK(t.V, t.S, t.U, t.full, t.iterations)
-    b = max(1, min(block if block is not None else k, n))
+    b = max(1, min(block if block is not None else min(k, KRYLOV_BLOCK), n))
     W32 = W.to(torch.float32)
     g = torch.Generator(device="cpu").manual_seed(opts.seed)
     Y = torch.randn(n, b, generator=g, dtype=torch.float32).to(W.device)
