@@ -241,9 +241,9 @@ def _left_vectors(WV: torch.Tensor, S: torch.Tensor) -> torch.Tensor:
 def _kth_smallest(values: torch.Tensor, pos: int) -> float:
     """The value at 1-based position ``pos`` of ``values`` sorted ascending (an exact order statistic).
 
-    ``values`` is scratch, with the sign bit clear (absolute values): on the CPU it is partially sorted in place (numpy's
-    introselect, several times faster than torch.kthvalue, and no copy of a matrix-sized array); elsewhere a
-    radix select on its bit patterns (``radix_kth_smallest``)."""
+    ``values`` is scratch, with the sign bit clear (absolute values): on the CPU it is partially sorted in
+    place (numpy's introselect, several times faster than torch.kthvalue, and no copy of a matrix-sized
+    array); elsewhere a radix select on its bit patterns (``radix_kth_smallest``)."""
     flat = values.reshape(-1)
     if flat.device.type == "cpu" and flat.is_contiguous():
         arr = flat.numpy()
