@@ -274,6 +274,19 @@ def _weights_from_listing(names: list[str], label: str) -> list[str]:
 # ------------------------------------------------------------------------------------------------- source
 
 
+@dataclasses.dataclass(frozen=True)
+class _Ask:
+    """One range read: bytes [start, end) of ``file`` into ``out``; ``size`` is the file's size as its header
+    was read (None before that); ``clamp_ok``, see ``HubSource._fetch``."""
+
+    file: str
+    start: int
+    end: int
+    out: memoryview
+    size: int | None
+    clamp_ok: bool
+
+
 class HubSource(Source):
     """A model repository on the Hugging Face Hub (see the module docstring).
 
@@ -919,20 +932,19 @@ class HubSource(Source):
         prefix, so that a tiny non-safetensors file gets a format error instead of a network one).
         """
         url = self._url(file)
+        ask = _Ask(file, start, end, out, size, clamp_ok)
         return self._with_retries(
-            f"{self._label(file)} bytes {start}-{end - 1}",
-            lambda: self._fetch_once(url, file, start, end, out, size, clamp_ok),
+            f"{self._label(file)} bytes {start}-{end - 1}", lambda: self._fetch_once(url, ask)
         )
 
-    def _fetch_once(
-        self, url: str, file: str, start: int, end: int, out: memoryview, size: int | None, clamp_ok: bool
-    ) -> tuple[int, int | None]:
+    def _fetch_once(self, url: str, ask: _Ask) -> tuple[int, int | None]:
         if self._direct is not None:
-            return self._fetch_direct(url, file, start, end, out, size, clamp_ok)
-        headers = {"Range": f"bytes={start}-{end - 1}", **self._auth(url)}
+            return self._fetch_direct(url, ask)
+        file = ask.file
+        headers = {"Range": f"bytes={ask.start}-{ask.end - 1}", **self._auth(url)}
         try:
             with self._http().stream("GET", url, headers=headers) as response:
-                return self._answer(response, file, start, end, out, size, clamp_ok)
+                return self._answer(response, ask)
         except httpx.TooManyRedirects:
             raise self._error(
                 f"{self._label(file)}: redirect loop (more than {self.max_redirects} redirects)"
@@ -944,16 +956,15 @@ class HubSource(Source):
         except httpx.TransportError as exc:
             raise _Transient(f"connection failed or dropped ({_describe_exc(exc)})") from None
 
-    def _fetch_direct(
-        self, url: str, file: str, start: int, end: int, out: memoryview, size: int | None, clamp_ok: bool
-    ) -> tuple[int, int | None]:
+    def _fetch_direct(self, url: str, ask: _Ask) -> tuple[int, int | None]:
         client = self._direct
         if client is None:
             raise InputError(f"{self._label()}: source is closed")
-        ranged = f"bytes={start}-{end - 1}"
+        file = ask.file
+        ranged = f"bytes={ask.start}-{ask.end - 1}"
         try:
             with client.get(url, lambda hop: {"Range": ranged, **self._auth(hop)}) as response:
-                return self._answer(response, file, start, end, out, size, clamp_ok)
+                return self._answer(response, ask)
         except direct.TooManyRedirects:
             raise self._error(
                 f"{self._label(file)}: redirect loop (more than {self.max_redirects} redirects)"
@@ -970,26 +981,17 @@ class HubSource(Source):
         except (OSError, http.client.HTTPException) as exc:
             raise _Transient(f"connection failed or dropped ({_describe_exc(exc)})") from None
 
-    def _answer(
-        self,
-        response: Any,
-        file: str,
-        start: int,
-        end: int,
-        out: memoryview,
-        size: int | None,
-        clamp_ok: bool,
-    ) -> tuple[int, int | None]:
-        """Read one range answer (httpx's or the direct client's) into ``out``; see ``_fetch``."""
-        self._check_commit(response, file)
+    def _answer(self, response: Any, ask: _Ask) -> tuple[int, int | None]:
+        """Read one range answer (httpx's or the direct client's) into ``ask.out``; see ``_fetch``."""
+        self._check_commit(response, ask.file)
         if response.status_code == 206:
-            return self._read_partial(response, file, start, end, out, size, clamp_ok)
+            return self._read_partial(response, ask)
         if response.status_code == 200:
-            return self._read_unranged(response, file, start, end, out, size, clamp_ok)
-        if response.status_code == 416 and clamp_ok:
+            return self._read_unranged(response, ask)
+        if response.status_code == 416 and ask.clamp_ok:
             total = response.headers.get("Content-Range", "").rpartition("/")[2]
             return 0, int(total) if total.isdigit() else None
-        self._raise_status(response, file, start, end)
+        self._raise_status(response, ask.file, ask.start, ask.end)
         raise AssertionError("unreachable")  # pragma: no cover
 
     def _check_commit(self, response: Any, file: str) -> None:
@@ -1020,16 +1022,8 @@ class HubSource(Source):
                 "its bytes are not the file's"
             )
 
-    def _read_partial(
-        self,
-        response: Any,
-        file: str,
-        start: int,
-        end: int,
-        out: memoryview,
-        size: int | None,
-        clamp_ok: bool,
-    ) -> tuple[int, int | None]:
+    def _read_partial(self, response: Any, ask: _Ask) -> tuple[int, int | None]:
+        file, start, end, out, size, clamp_ok = ask.file, ask.start, ask.end, ask.out, ask.size, ask.clamp_ok
         label = self._label(file)
         self._check_identity(response, file)
         content_range = response.headers.get("Content-Range", "")
@@ -1060,16 +1054,8 @@ class HubSource(Source):
         self._drain(response, file, out[:want])
         return want, total
 
-    def _read_unranged(
-        self,
-        response: Any,
-        file: str,
-        start: int,
-        end: int,
-        out: memoryview,
-        size: int | None,
-        clamp_ok: bool,
-    ) -> tuple[int, int | None]:
+    def _read_unranged(self, response: Any, ask: _Ask) -> tuple[int, int | None]:
+        file, start, end, out, size, clamp_ok = ask.file, ask.start, ask.end, ask.out, ask.size, ask.clamp_ok
         label = self._label(file)
         self._check_identity(response, file)
         length = response.headers.get("Content-Length")
