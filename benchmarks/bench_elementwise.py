@@ -9,7 +9,11 @@ cache is warmed first, so every contender reads from memory. Contenders:
 - naive:      load both state dicts whole with ``safetensors.torch.load_file`` and compare tensor by tensor
               (changed count and float64 update norm per tensor), as the simple scripts do;
 - weightdiff: ``weightdiff compare BASE TUNED --no-spectral -o report.parquet``.
-Prints one JSON line per contender and the ratios. Usage: python benchmarks/bench_elementwise.py DIR [--size-gb 2]
+Prints one JSON line per contender and the ratios. The pair is the one scenario 2 (bench_allmetrics.py) uses
+with the same DIR: 2 GB per checkpoint of the ``small`` preset is 19 layers, with trained-like spectra (the
+element-wise pass does the same work on any values; ``--spectrum noise`` gives pure Gaussian noise). A pair
+already in DIR is used as it is. Usage: python benchmarks/bench_elementwise.py DIR [--size-gb 2]
+[--spectrum trained|noise]
 """
 
 from __future__ import annotations
@@ -82,8 +86,9 @@ def main() -> None:
     ap.add_argument("--size-gb", type=float, default=2.0)
     ap.add_argument("--repeat", type=int, default=2)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--spectrum", choices=("trained", "noise"), default="trained")
     args = ap.parse_args()
-    base, tuned = ensure_pair(args.dir, "--size-gb", str(args.size_gb))
+    base, tuned = ensure_pair(args.dir, "--size-gb", str(args.size_gb), "--spectrum", args.spectrum)
     size = sum((p / "model.safetensors").stat().st_size for p in (base, tuned)) / 1e9
     report = args.dir / "report.parquet"
     contenders = {

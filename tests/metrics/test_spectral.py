@@ -402,3 +402,60 @@ def test_fast_solver_with_k_above_the_block_size():
     res = topk_svd_fast(W0, 64, SpectralOptions())
     ref_s = np.linalg.svd(W0.double().numpy(), compute_uv=False)[:64]
     assert np.max(np.abs(res.S.numpy() - ref_s) / ref_s) < 1e-6
+
+
+def test_tall_matrix_through_its_gram_matrix_matches_reference(monkeypatch):
+    # An embedding-like matrix (at least GRAM_OPERATOR_ASPECT times taller than wide) applies W^T W through its
+    # float32 Gram matrix when the expected steps pay for it; the results stay within the fast solver's
+    # tolerances either way, and close to the direct products' results.
+    W0, W1 = noise_bulk_pair(1000, 120)
+    assert spectral._gram_operator_pays(1000, 120, 16, 16)
+    assert not spectral._gram_operator_pays(1000, 120, 16, 1)  # too few steps to pay
+    assert not spectral._gram_operator_pays(400, 120, 16, 16)  # not tall enough
+    formed: list[tuple[int, ...]] = []
+    real = spectral._gram_operator_pays
+
+    def spy(m: int, n: int, b: int, steps: int) -> bool:
+        used = real(m, n, b, steps)
+        if used:
+            formed.append((m, n))
+        return used
+
+    monkeypatch.setattr(spectral, "_gram_operator_pays", spy)
+    opts = SpectralOptions(solver="fast", rank=16, principal_rank=16)
+    got = spectral_metrics(W0, W1, opts).columns
+    assert formed[:2] == [(1000, 120), (1000, 120)]  # base and tuned
+    ref = reference.spectral(W0.double().numpy(), W1.double().numpy(), k=16, r=16)
+    for c in COLS:
+        assert abs(got[c] - ref[c]) <= 0.01 + 0.02 * abs(ref[c]), (c, got[c], ref[c])
+    assert got["sv_drift_topk"] == pytest.approx(ref["sv_drift_topk"], rel=1e-3, abs=1e-9)
+    via_gram = topk_svd_fast(W0, 16, SpectralOptions(), expected_steps=40)
+    direct = topk_svd_fast(W0, 16, SpectralOptions(), expected_steps=1)
+    ref_s = np.linalg.svd(W0.double().numpy(), compute_uv=False)[:16]
+    for res in (via_gram, direct):
+        assert np.max(np.abs(res.S.numpy() - ref_s) / ref_s) < 1e-6
+    assert float(torch.rad2deg(principal_angles(via_gram.V, direct.V)).max()) < 1e-3
+
+
+def test_spaced_out_checks_never_stop_before_the_per_step_rule(monkeypatch):
+    # With checks every step the iteration stops at the first step whose values moved less than tol; checks
+    # spaced out over several steps demand less than tol over the whole gap, so they stop there or later.
+    W = noise_bulk_pair(600, 500)[0]
+    monkeypatch.setattr(spectral, "CHECK_FLOPS_PER_P3", 0)  # every check cheap: every step
+    every = topk_svd_fast(W, 64, SpectralOptions())
+    monkeypatch.setattr(spectral, "CHECK_FLOPS_PER_P3", 10**9)  # every check on a large space dear
+    monkeypatch.setattr(spectral, "CHECK_ALWAYS_MAX", 0)
+    spaced = topk_svd_fast(W, 64, SpectralOptions())
+    assert spaced.iterations >= every.iterations
+    ref_s = np.linalg.svd(W.double().numpy(), compute_uv=False)[:64]
+    for res in (every, spaced):
+        assert np.max(np.abs(res.S.numpy() - ref_s) / ref_s) < 1e-6
+
+
+@pytest.mark.parametrize(
+    ("per_step", "cheap", "steps"),
+    [(1e-2, False, 4), (2e-4, False, 2), (5e-6, False, 1), (1e-7, False, 1), (1e-2, True, 1)],
+)
+def test_steps_to_next_check(per_step, cheap, steps):
+    # The next check comes where a move shrinking by FASTEST_SHRINK (0.1) a step could first be under 1e-6.
+    assert spectral._steps_to_next_check(per_step, cheap, 1e-6) == steps
