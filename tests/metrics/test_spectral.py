@@ -408,10 +408,14 @@ def test_tall_matrix_through_its_gram_matrix_matches_reference(monkeypatch):
     # An embedding-like matrix (at least GRAM_OPERATOR_ASPECT times taller than wide) applies W^T W through its
     # float32 Gram matrix when the expected steps pay for it; the results stay within the fast solver's
     # tolerances either way, and close to the direct products' results.
-    W0, W1 = noise_bulk_pair(1000, 120)
-    assert spectral._gram_operator_pays(1000, 120, 16, 16)
-    assert not spectral._gram_operator_pays(1000, 120, 16, 1)  # too few steps to pay
-    assert not spectral._gram_operator_pays(400, 120, 16, 16)  # not tall enough
+    W0, W1 = noise_bulk_pair(1000, 200)
+    assert spectral._gram_operator_pays(1000, 200, 16, 16)
+    assert not spectral._gram_operator_pays(1000, 200, 16, 1)  # too few steps to pay
+    assert not spectral._gram_operator_pays(700, 200, 16, 16)  # not tall enough
+    Wt = W0.T.contiguous().T  # column-major storage, as a wide matrix's transpose has
+    for W in (W0, Wt):
+        assert torch.equal(spectral._gram32(W), spectral._gram32(W).T)
+        assert torch.allclose(spectral._gram32(W).double(), W.double().T @ W.double(), rtol=1e-5, atol=1e-5)
     formed: list[tuple[int, ...]] = []
     real = spectral._gram_operator_pays
 
@@ -424,7 +428,7 @@ def test_tall_matrix_through_its_gram_matrix_matches_reference(monkeypatch):
     monkeypatch.setattr(spectral, "_gram_operator_pays", spy)
     opts = SpectralOptions(solver="fast", rank=16, principal_rank=16)
     got = spectral_metrics(W0, W1, opts).columns
-    assert formed[:2] == [(1000, 120), (1000, 120)]  # base and tuned
+    assert formed[:2] == [(1000, 200), (1000, 200)]  # base and tuned
     ref = reference.spectral(W0.double().numpy(), W1.double().numpy(), k=16, r=16)
     for c in COLS:
         assert abs(got[c] - ref[c]) <= 0.01 + 0.02 * abs(ref[c]), (c, got[c], ref[c])

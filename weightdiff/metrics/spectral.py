@@ -189,7 +189,7 @@ def topk_svd_fast(
         return TopK(t.V, t.S, t.U, t.full, t.iterations)
     b = max(1, min(block if block is not None else min(k, KRYLOV_BLOCK), n))
     W32 = W.to(torch.float32)
-    G32 = W32.T @ W32 if _gram_operator_pays(m, n, b, expected_steps) else None
+    G32 = _gram32(W32) if _gram_operator_pays(m, n, b, expected_steps) else None
     g = torch.Generator(device="cpu").manual_seed(opts.seed)
     Y64 = torch.randn(n, b, generator=g, dtype=torch.float32).to(W.device, torch.float64)
     # Preallocated: the basis Q and G = Q^T (W^T W) Q (from the float32 products), filled p columns so far.
@@ -278,12 +278,33 @@ def _gram_operator_pays(m: int, n: int, b: int, steps: int) -> bool:
     """Whether the fast solver should apply W^T W (W m x n, m >= n) through its Gram matrix for ``steps`` steps
     of ``b`` columns.
 
-    Forming W^T W costs 2 m n^2 flops in one large product; a step costs 4 m n b flops in two skinny products.
-    On a matrix much taller than wide those stream the whole matrix from memory and run about three times
-    slower per flop than the large product (2-core CPU: 32000 x 2048, 81 ms a step of 32 columns against
-    0.84 s for the Gram matrix), so the Gram matrix pays after about n / (6 b) steps; each of its own steps
-    costs 2 n^2 b flops, a small fraction. Squarer matrices gain little: their steps stay in cache."""
-    return m >= GRAM_OPERATOR_ASPECT * n and 6 * b * steps > n
+    Forming W^T W costs about 1.25 m n^2 flops in large products (``_gram32``); a step costs 4 m n b flops in
+    two skinny products. On a matrix much taller than wide those stream the whole matrix from memory and run
+    about three times slower per flop than the large products (2-core CPU: 32000 x 2048, 81 ms a step of 32
+    columns against 0.60 s for the Gram matrix), so the Gram matrix pays after about n / (8 b) steps; each of
+    its own steps costs 2 n^2 b flops, a small fraction. Squarer matrices gain little: their steps stay in
+    cache."""
+    return m >= GRAM_OPERATOR_ASPECT * n and 8 * b * steps > n
+
+
+def _gram32(W32: torch.Tensor) -> torch.Tensor:
+    """W^T W for a float32 W, from the products of column blocks on and above the diagonal (10 of the 16 for
+    4 blocks), each mirrored below: 27% less time than one full product on a 32000 x 2048 matrix, with the
+    same values (each block is the same dot products)."""
+    n = W32.shape[1]
+    edges = [round(i * n / _GRAM_BLOCKS) for i in range(_GRAM_BLOCKS + 1)]
+    G = torch.empty(n, n, dtype=W32.dtype, device=W32.device)
+    for i in range(_GRAM_BLOCKS):
+        rows = slice(edges[i], edges[i + 1])
+        for j in range(i, _GRAM_BLOCKS):
+            cols = slice(edges[j], edges[j + 1])
+            torch.matmul(W32[:, rows].T, W32[:, cols], out=G[rows, cols])
+            if j > i:
+                G[cols, rows] = G[rows, cols].T
+    return G
+
+
+_GRAM_BLOCKS = 4
 
 
 def _left_vectors(WV: torch.Tensor, S: torch.Tensor) -> torch.Tensor:
