@@ -445,11 +445,23 @@ def test_spaced_out_checks_never_stop_before_the_per_step_rule(monkeypatch):
     # With checks every step the iteration stops at the first step whose values moved less than tol; checks
     # spaced out over several steps demand less than tol over the whole gap, so they stop there or later.
     W = noise_bulk_pair(600, 500)[0]
+    checks: list[int] = []
+    real = torch.linalg.eigvalsh
+
+    def counted(G: torch.Tensor) -> torch.Tensor:
+        checks.append(G.shape[0])
+        return real(G)
+
+    monkeypatch.setattr(torch.linalg, "eigvalsh", counted)
     monkeypatch.setattr(spectral, "CHECK_FLOPS_PER_P3", 0)  # every check cheap: every step
     every = topk_svd_fast(W, 64, SpectralOptions())
+    n_every, checks[:] = len(checks), []
     monkeypatch.setattr(spectral, "CHECK_FLOPS_PER_P3", 10**9)  # every check on a large space dear
     monkeypatch.setattr(spectral, "CHECK_ALWAYS_MAX", 0)
     spaced = topk_svd_fast(W, 64, SpectralOptions())
+    # Checks from step 3 on: every step, or spaced out (fewer checks, over a few more steps here).
+    assert n_every == every.iterations - 2
+    assert len(checks) < spaced.iterations - 2
     assert spaced.iterations >= every.iterations
     ref_s = np.linalg.svd(W.double().numpy(), compute_uv=False)[:64]
     for res in (every, spaced):
@@ -463,3 +475,22 @@ def test_spaced_out_checks_never_stop_before_the_per_step_rule(monkeypatch):
 def test_steps_to_next_check(per_step, cheap, steps):
     # The next check comes where a move shrinking by FASTEST_SHRINK (0.1) a step could first be under 1e-6.
     assert spectral._steps_to_next_check(per_step, cheap, 1e-6) == steps
+
+
+def test_gram_schmidt_reuses_the_projections_it_already_has(monkeypatch):
+    # Each step's first Gram-Schmidt pass takes Q^T Y from the new columns of G computed the step before; they
+    # must be those projections (the second pass would hide a wrong first pass, so check them directly).
+    W = noise_bulk_pair(400, 300)[0]
+    errors: list[float] = []
+    real = spectral._orthogonalise
+
+    def spy(Q: torch.Tensor, Y: torch.Tensor, coef: torch.Tensor | None) -> torch.Tensor:
+        if coef is not None:
+            want = Q.T @ Y
+            errors.append(float((coef - want).abs().max() / want.abs().max()))
+        return real(Q, Y, coef)
+
+    monkeypatch.setattr(spectral, "_orthogonalise", spy)
+    res = topk_svd_fast(W, 16, SpectralOptions())
+    assert len(errors) == res.iterations - 1  # every step after the first
+    assert max(errors) < 1e-12

@@ -11,7 +11,7 @@ Solvers:
 - ``exact``: full float64 SVD of both matrices (LAPACK on CPU, cuSOLVER on GPU). The definition itself.
 - ``fast``: randomized block Krylov iteration for the top singular triplets (``topk_svd_fast``): float32
   products grow the space, a float64 Rayleigh-Ritz step extracts the triplets, and it stops when the top-k
-  values move less than 1e-6 (relative) in a step. Base and tuned start from the same random block, so
+  values moved less than 1e-6 (relative) since the previous check. Base and tuned start from the same random block, so
   their errors are alike and cancel in the angles between them. Only the top k values are known (unless the
   space fills the whole side), so ``sv_drift`` (full spectrum) is null.
 - ``gram``: float64 eigendecomposition of the Gram matrix of the smaller side (see ``topk_svd_gram``); full
@@ -62,8 +62,8 @@ class SpectralOptions:
     principal_rank: int = 64
     alpha: float = 0.5
     solver: str = "auto"
-    #: fast solver: stop when the top-k Ritz values move less than this (relative) in one Krylov step, or after
-    #: ``max_iter`` steps.
+    #: fast solver: stop when the top-k Ritz values moved less than this (relative) since the previous check (one
+    #: Krylov step, or several on large spaces), or after ``max_iter`` steps.
     tol: float = 1e-6
     max_iter: int = 40
     seed: int = 0
@@ -157,12 +157,14 @@ def topk_svd_fast(
     anyway); the products with W that grow it are float32. After a few blocks the top-k Ritz values (square
     roots of the eigenvalues of G = Q^T W^T W Q, from the float32 products: about 1e-7 relative, well under
     the 1e-6 default tolerance) are checked; they rise monotonically towards the singular values, and the
-    iteration stops once they moved less than ``opts.tol`` (relative) since the previous check. That is every
-    step while a check (an eigvalsh of G) costs less than a step or the space is small; on a larger space a check is skipped for as
-    many steps as the values cannot converge in even at ``FASTEST_SHRINK`` per step, judged from their last
-    move. Over several steps the stopping rule
-    is stricter than the per-step one, never looser. A Krylov space converges much faster than subspace
-    iteration where the spectrum is dense around k, as in trained weights.
+    iteration stops once they moved less than ``opts.tol`` (relative) since the previous check. Checks run
+    every step while one (an eigvalsh of G) costs less than a step or the space is small; on a larger space
+    a check is skipped for as many steps as the values could not converge in even if their moves shrank by
+    ``FASTEST_SHRINK`` a step, judged from their average move per step since the check before. Over several
+    steps the stopping rule is stricter than the per-step one, never looser: Ritz values of nested spaces
+    only rise, so a move under tol across several steps means each step moved less. A Krylov space
+    converges much faster than subspace iteration where the spectrum is dense around k, as in trained
+    weights.
 
     A matrix at least ``GRAM_OPERATOR_ASPECT`` times taller than wide (an embedding or an LM head) applies A
     through its float32 Gram matrix W^T W where ``expected_steps`` products with W would cost more than
@@ -203,12 +205,7 @@ def topk_svd_fast(
     next_check = max(3, first_check - 1)
     step = 0
     for step in range(1, opts.max_iter + 1):
-        Q = Qbuf[:, :p]
-        # Orthonormalise the new block against the basis in float64, twice (classical Gram-Schmidt loses
-        # orthogonality once), then within itself.
-        Y64 = Y64 - Q @ (coef if coef is not None else Q.T @ Y64)
-        Y64 = Y64 - Q @ (Q.T @ Y64)
-        Y64 = _orth(Y64)[:, : cap - p]
+        Y64 = _orthogonalise(Qbuf[:, :p], Y64, coef)[:, : cap - p]
         # One step of A = W^T W, in float32: it extends G and is the next block.
         Y32 = Y64.to(torch.float32)
         AY = (G32 @ Y32 if G32 is not None else W32.T @ (W32 @ Y32)).to(torch.float64)
@@ -262,13 +259,23 @@ def topk_svd_fast(
     return TopK(_left_vectors(BZ @ Vs, S[:kk]), S[:kk], Z @ Vs, S if full else None, step)
 
 
+def _orthogonalise(Q: torch.Tensor, Y: torch.Tensor, coef: torch.Tensor | None) -> torch.Tensor:
+    """An orthonormal basis of Y's part orthogonal to Q's columns (float64): classical Gram-Schmidt twice (one
+    pass loses orthogonality, and with one pass a 32000 x 2048 noise matrix never converged), then a QR within
+    the block. ``coef``: Q^T Y when already known (the fast solver's G columns), saving the first product."""
+    Y = Y - Q @ (coef if coef is not None else Q.T @ Y)
+    Y = Y - Q @ (Q.T @ Y)
+    return _orth(Y)
+
+
 def _steps_to_next_check(per_step: float, cheap: bool, tol: float) -> int:
     """Steps until the fast solver's next convergence check, after the top values moved ``per_step`` (relative,
     per step) since the previous one.
 
-    Every step while a check is ``cheap`` (costs less than a step). Later, the moves shrink by a factor of 0.14 to 0.45 a step as the
-    values converge (measured on trained and noise spectra, docs/performance.md); the next check comes at the
-    first step at which a move that shrank by ``FASTEST_SHRINK`` each step could be under ``tol``."""
+    Every step while a check is ``cheap`` (costs less than a step). Later: the moves shrink by a factor of
+    0.14 to 0.45 a step as the values converge (measured on trained and noise spectra, docs/performance.md),
+    and the next check comes at the first step at which a move that shrank by ``FASTEST_SHRINK`` each step
+    could be at or under ``tol``."""
     if cheap or per_step <= tol:
         return 1
     return max(1, int(math.log(tol / per_step) / math.log(FASTEST_SHRINK)))
@@ -289,8 +296,9 @@ def _gram_operator_pays(m: int, n: int, b: int, steps: int) -> bool:
 
 def _gram32(W32: torch.Tensor) -> torch.Tensor:
     """W^T W for a float32 W, from the products of column blocks on and above the diagonal (10 of the 16 for
-    4 blocks), each mirrored below: 27% less time than one full product on a 32000 x 2048 matrix, with the
-    same values (each block is the same dot products)."""
+    4 blocks), each mirrored below: 27% less time than one full product on a 32000 x 2048 matrix. The entries
+    are the same dot products (they may round differently from one full product), and G is exactly
+    symmetric."""
     n = W32.shape[1]
     edges = [round(i * n / _GRAM_BLOCKS) for i in range(_GRAM_BLOCKS + 1)]
     G = torch.empty(n, n, dtype=W32.dtype, device=W32.device)
