@@ -11,7 +11,7 @@ pure noise no iterative solver is fast, and trained weights are not noise). By d
 pair (bench_elementwise.py with the same DIR writes the same one: the ``small`` preset, 19 layers, 1.98 GB
 per checkpoint; the naive side takes about 7 minutes on 2 cores); ``--layers 1`` is a quick check dominated
 by the embedding and LM head. A pair already in
-DIR is used as it is (``.bench/s1``, scenario 1's own pure-noise pair, for instance). Usage:
+DIR is used as it is (``.bench/s1``, a pure-noise pair from ``bench_elementwise.py --spectrum noise``). Usage:
     python benchmarks/bench_allmetrics.py DIR [--layers 19] [--preset small|qwen3-8b]
 """
 
