@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 import pytest
@@ -494,3 +495,35 @@ def test_gram_schmidt_reuses_the_projections_it_already_has(monkeypatch):
     res = topk_svd_fast(W, 16, SpectralOptions())
     assert len(errors) == res.iterations - 1  # every step after the first
     assert max(errors) < 1e-12
+
+
+def test_a_check_likely_to_pass_lends_its_eigenvectors_to_the_final_step(monkeypatch):
+    # Near convergence a check decomposes G with eigh; when it passes, the final Rayleigh-Ritz step reuses
+    # those eigenvectors instead of decomposing the same G again. The result is bit-identical either way.
+    W = noise_bulk_pair(500, 400)[0]
+    calls: list[str] = []
+    real_eigh, real_eigvalsh = torch.linalg.eigh, torch.linalg.eigvalsh
+
+    def eigh(G: torch.Tensor) -> Any:
+        calls.append("eigh")
+        return real_eigh(G)
+
+    def eigvalsh(G: torch.Tensor) -> torch.Tensor:
+        calls.append("eigvalsh")
+        return real_eigvalsh(G)
+
+    monkeypatch.setattr(torch.linalg, "eigh", eigh)
+    monkeypatch.setattr(torch.linalg, "eigvalsh", eigvalsh)
+    monkeypatch.setattr(spectral, "LIKELY_PASS", 0)  # no check is likely to pass: eigvalsh, then eigh again
+    plain = topk_svd_fast(W, 16, SpectralOptions())
+    plain_calls, calls[:] = list(calls), []
+    monkeypatch.setattr(spectral, "LIKELY_PASS", 10)
+    lent = topk_svd_fast(W, 16, SpectralOptions())
+    assert plain.iterations == lent.iterations
+    assert torch.equal(plain.S, lent.S) and torch.equal(plain.V, lent.V) and torch.equal(plain.U, lent.U)
+    # The passing check's eigh served the final step: one decomposition of the final G fewer.
+    assert len(calls) == len(plain_calls) - 1 and calls[-2] == "eigh"
+    # A tuned matrix expects to converge where its base did: its checks from there on are eigh.
+    calls[:] = []
+    topk_svd_fast(W, 16, SpectralOptions(), first_check=plain.iterations)
+    assert calls[-2:] == ["eigh", "eigh"]  # the passing check, then the final float64 Rayleigh-Ritz step

@@ -49,6 +49,9 @@ CHECK_ALWAYS_MAX = 256
 #: fast solver: the fastest shrink per step assumed for the Ritz values' moves when spacing out checks (measured:
 #: 0.14 to 0.45 near convergence).
 FASTEST_SHRINK = 0.1
+#: fast solver: a check is likely to pass when the values moved less than this many times the tolerance per step
+#: at the check before (moves shrink by 0.14 to 0.45 a step near convergence).
+LIKELY_PASS = 10
 #: fast solver: the steps a base matrix is expected to take (trained weights: 12 to 15), for choosing how to
 #: apply W^T W; a tuned matrix expects as many as its base took.
 EXPECTED_STEPS = 16
@@ -203,6 +206,11 @@ def topk_svd_fast(
     prev: torch.Tensor | None = None
     prev_step = 0
     next_check = max(3, first_check - 1)
+    # The eigenvectors of G, when the last check computed them: a check that is likely to pass (the values
+    # moved little at the one before, or a tuned matrix reached its base's step count) takes eigh instead of
+    # eigvalsh, and if it passes the final step reuses them instead of decomposing G again.
+    last_vecs: torch.Tensor | None = None
+    likely = False
     step = 0
     for step in range(1, opts.max_iter + 1):
         Y64 = _orthogonalise(Qbuf[:, :p], Y64, coef)[:, : cap - p]
@@ -219,7 +227,12 @@ def topk_svd_fast(
         if p >= cap:
             break
         if step >= next_check:
-            top = torch.linalg.eigvalsh(Gbuf[:p, :p]).flip(0)[:k].clamp(min=0).sqrt()
+            likely = likely or (first_check > 3 and step >= first_check)
+            if likely:
+                evals, last_vecs = torch.linalg.eigh(Gbuf[:p, :p])
+            else:
+                evals = torch.linalg.eigvalsh(Gbuf[:p, :p])
+            top = evals.flip(0)[:k].clamp(min=0).sqrt()
             next_check = step + 1
             if prev is not None and prev.numel() == top.numel():
                 # Values under RITZ_FLOOR * sigma_1 are float32 noise (a rank-deficient or zero matrix): they
@@ -228,6 +241,7 @@ def topk_svd_fast(
                 moved = float(((top - prev).abs()[live] / top[live]).max()) if bool(live.any()) else 0.0
                 if moved < opts.tol:
                     break
+                likely = moved / (step - prev_step) < LIKELY_PASS * opts.tol
                 # A step's products (through W or its Gram matrix) and Gram-Schmidt (float64, half speed).
                 step_flops = (2 * n * n * b if G32 is not None else 4 * m * n * b) + 12 * n * p * b
                 cheap = p <= CHECK_ALWAYS_MAX or CHECK_FLOPS_PER_P3 * p**3 <= step_flops
@@ -235,6 +249,7 @@ def topk_svd_fast(
             prev, prev_step = top, step
         # Column scaling keeps the block's magnitudes near 1; the same scaling turns Q^T A Y into the next
         # block's first Gram-Schmidt coefficients.
+        last_vecs = None
         norms = AY.norm(dim=0).clamp(min=torch.finfo(torch.float64).tiny)
         Y64, coef = AY / norms, C / norms
     Q, G = Qbuf[:, :p], Gbuf[:p, :p]
@@ -249,7 +264,7 @@ def topk_svd_fast(
     if full:
         Z = Q  # the whole space: Rayleigh-Ritz on it is the exact decomposition
     else:
-        evecs = torch.linalg.eigh(G).eigenvectors.flip(1)
+        evecs = (last_vecs if last_vecs is not None else torch.linalg.eigh(G).eigenvectors).flip(1)
         Z = Q @ evecs[:, : min(Q.shape[1], k + max(8, k // 2))]
     BZ = _matmul64(W, Z)
     evals, evecs = torch.linalg.eigh(BZ.T @ BZ)
