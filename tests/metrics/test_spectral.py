@@ -415,8 +415,9 @@ def test_tall_matrix_through_its_gram_matrix_matches_reference(monkeypatch):
     assert not spectral._gram_operator_pays(700, 200, 16, 16)  # not tall enough
     Wt = W0.T.contiguous().T  # column-major storage, as a wide matrix's transpose has
     for W in (W0, Wt):
-        assert torch.equal(spectral._gram32(W), spectral._gram32(W).T)
-        assert torch.allclose(spectral._gram32(W).double(), W.double().T @ W.double(), rtol=1e-5, atol=1e-5)
+        G = spectral._gram32(W)
+        assert torch.equal(G, G.T)
+        assert torch.allclose(G.double(), W.double().T @ W.double(), rtol=1e-5, atol=1e-5)
     formed: list[tuple[int, ...]] = []
     real = spectral._gram_operator_pays
 
@@ -475,7 +476,7 @@ def test_spaced_out_checks_never_stop_before_the_per_step_rule(monkeypatch):
     [(1e-2, False, 4), (2e-4, False, 2), (5e-6, False, 1), (1e-7, False, 1), (1e-2, True, 1)],
 )
 def test_steps_to_next_check(per_step, cheap, steps):
-    # The next check comes where a move shrinking by FASTEST_SHRINK (0.1) a step could first be under 1e-6.
+    # The next check comes where a move shrinking by FASTEST_SHRINK (0.1) a step could first be at or under 1e-6.
     assert spectral._steps_to_next_check(per_step, cheap, 1e-6) == steps
 
 

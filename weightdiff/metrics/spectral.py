@@ -11,9 +11,9 @@ Solvers:
 - ``exact``: full float64 SVD of both matrices (LAPACK on CPU, cuSOLVER on GPU). The definition itself.
 - ``fast``: randomized block Krylov iteration for the top singular triplets (``topk_svd_fast``): float32
   products grow the space, a float64 Rayleigh-Ritz step extracts the triplets, and it stops when the top-k
-  values moved less than 1e-6 (relative) since the previous check. Base and tuned start from the same random block, so
-  their errors are alike and cancel in the angles between them. Only the top k values are known (unless the
-  space fills the whole side), so ``sv_drift`` (full spectrum) is null.
+  values moved less than 1e-6 (relative) since the previous check. Base and tuned start from the same
+  random block, so their errors are alike and cancel in the angles between them. Only the top k values are
+  known (unless the space fills the whole side), so ``sv_drift`` (full spectrum) is null.
 - ``gram``: float64 eigendecomposition of the Gram matrix of the smaller side (see ``topk_svd_gram``); full
   spectrum, exact to float64 rounding for the leading triplets, and much faster than an SVD on GPUs.
 - ``auto``: gram on GPUs; on CPUs gram for matrices whose smaller side is at most 512, fast otherwise
@@ -241,15 +241,16 @@ def topk_svd_fast(
                 moved = float(((top - prev).abs()[live] / top[live]).max()) if bool(live.any()) else 0.0
                 if moved < opts.tol:
                     break
-                likely = moved / (step - prev_step) < LIKELY_PASS * opts.tol
+                per_step = moved / (step - prev_step)
+                likely = per_step < LIKELY_PASS * opts.tol
                 # A step's products (through W or its Gram matrix) and Gram-Schmidt (float64, half speed).
                 step_flops = (2 * n * n * b if G32 is not None else 4 * m * n * b) + 12 * n * p * b
                 cheap = p <= CHECK_ALWAYS_MAX or CHECK_FLOPS_PER_P3 * p**3 <= step_flops
-                next_check = step + _steps_to_next_check(moved / (step - prev_step), cheap, opts.tol)
+                next_check = step + _steps_to_next_check(per_step, cheap, opts.tol)
             prev, prev_step = top, step
+        last_vecs = None  # G grows below: the check's eigenvectors no longer describe it
         # Column scaling keeps the block's magnitudes near 1; the same scaling turns Q^T A Y into the next
         # block's first Gram-Schmidt coefficients.
-        last_vecs = None
         norms = AY.norm(dim=0).clamp(min=torch.finfo(torch.float64).tiny)
         Y64, coef = AY / norms, C / norms
     Q, G = Qbuf[:, :p], Gbuf[:p, :p]

@@ -286,6 +286,11 @@ class _Ask:
     size: int | None
     clamp_ok: bool
 
+    @property
+    def range(self) -> str:
+        """The Range header's value."""
+        return f"bytes={self.start}-{self.end - 1}"
+
 
 class HubSource(Source):
     """A model repository on the Hugging Face Hub (see the module docstring).
@@ -941,7 +946,7 @@ class HubSource(Source):
         if self._direct is not None:
             return self._fetch_direct(url, ask)
         file = ask.file
-        headers = {"Range": f"bytes={ask.start}-{ask.end - 1}", **self._auth(url)}
+        headers = {"Range": ask.range, **self._auth(url)}
         try:
             with self._http().stream("GET", url, headers=headers) as response:
                 return self._answer(response, ask)
@@ -961,9 +966,8 @@ class HubSource(Source):
         if client is None:
             raise InputError(f"{self._label()}: source is closed")
         file = ask.file
-        ranged = f"bytes={ask.start}-{ask.end - 1}"
         try:
-            with client.get(url, lambda hop: {"Range": ranged, **self._auth(hop)}) as response:
+            with client.get(url, lambda hop: {"Range": ask.range, **self._auth(hop)}) as response:
                 return self._answer(response, ask)
         except direct.TooManyRedirects:
             raise self._error(
