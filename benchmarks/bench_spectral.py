@@ -40,8 +40,9 @@ def make_pair(m: int, n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor
     s = 3.0 * torch.arange(1, r + 1, dtype=torch.float32) ** -0.5
     W0 = (U * s) @ V.T + 0.02 * torch.randn(m, n, generator=g) / math.sqrt(max(m, n)) * 10
     W1 = W0 + 2e-4 * torch.randn(m, n, generator=g) * W0.abs().mean()
-    # Round through bf16 as checkpoints store them.
-    return W0.to(torch.bfloat16).float(), W1.to(torch.bfloat16).float()
+    # bf16, as checkpoints store them (weightdiff receives the stored tensors; the naive SVD and the reference
+    # take float32 copies, the same values).
+    return W0.to(torch.bfloat16), W1.to(torch.bfloat16)
 
 
 def main() -> None:
@@ -67,7 +68,8 @@ def main() -> None:
     )
     for shape in args.shapes.split(","):
         m, n = (int(v) for v in shape.split("x"))
-        W0, W1 = make_pair(m, n)
+        B0, B1 = make_pair(m, n)
+        W0, W1 = B0.float(), B1.float()
         naive = math.inf
         for _ in range(args.repeat):
             t = time.perf_counter()
@@ -92,7 +94,7 @@ def main() -> None:
             secs = math.inf
             for _ in range(args.repeat):
                 t = time.perf_counter()
-                result = spectral_metrics(W0, W1, SpectralOptions(solver=mode, rank=64))
+                result = spectral_metrics(B0, B1, SpectralOptions(solver=mode, rank=64))
                 secs = min(secs, time.perf_counter() - t)
             got = result.columns
             sv_got = torch.tensor(result.vectors["sv_base"][:64], dtype=torch.float64)

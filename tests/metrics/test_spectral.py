@@ -421,8 +421,8 @@ def test_tall_matrix_through_its_gram_matrix_matches_reference(monkeypatch):
     formed: list[tuple[int, ...]] = []
     real = spectral._gram_operator_pays
 
-    def spy(m: int, n: int, b: int, steps: int) -> bool:
-        used = real(m, n, b, steps)
+    def spy(m: int, n: int, b: int, steps: int, tiles: bool = False) -> bool:
+        used = real(m, n, b, steps, tiles)
         if used:
             formed.append((m, n))
         return used
@@ -529,3 +529,89 @@ def test_a_check_likely_to_pass_lends_its_eigenvectors_to_the_final_step(monkeyp
     calls[:] = []
     topk_svd_fast(W, 16, SpectralOptions(), first_check=plain.iterations)
     assert calls[-2:] == ["eigh", "eigh"]  # the passing check, then the final float64 Rayleigh-Ritz step
+
+
+def test_bf16_tile_gram_matches_float64():
+    # _gram32 with tiles rounds its inputs to bf16, which is exact for bf16-valued entries: the result has the
+    # accuracy of float32 products (on any CPU; with AMX it is also faster).
+    W0, _ = noise_bulk_pair(600, 200)
+    exact = W0.double().T @ W0.double()
+    for W in (W0, W0.T.contiguous().T):
+        G = spectral._gram32(W, tiles=True)
+        assert torch.equal(G, G.T)
+        assert float((G.double() - exact).abs().max()) <= 1e-6 * float(exact.abs().max())
+
+
+def test_tile_gram_cost_model():
+    pays = spectral._gram_operator_pays
+    assert pays(2048, 2048, 32, 15, tiles=True)  # trained-like square matrix
+    assert pays(5632, 2048, 32, 13, tiles=True)  # MLP projection
+    assert not pays(4096, 4096, 32, 15, tiles=True)  # forming G costs more than 15 steps save
+    assert pays(4096, 4096, 32, 40, tiles=True)
+    assert not pays(2048, 2048, 32, 15)  # without tiles only tall matrices use G
+
+
+def test_tile_gram_only_for_bf16_storage(monkeypatch):
+    # Only bf16-stored matrices may go through the bf16 tiles: rounding float16 or float32 entries to bf16 would
+    # change the matrix.
+    monkeypatch.setattr(spectral, "bf16_gram_available", lambda: True)
+    calls: list[bool] = []
+    real = spectral._gram32
+
+    def spy(W: torch.Tensor, tiles: bool = False) -> torch.Tensor:
+        calls.append(tiles)
+        return real(W, tiles)
+
+    monkeypatch.setattr(spectral, "_gram32", spy)
+    W0, W1 = noise_bulk_pair(700, 600)
+    opts = SpectralOptions(solver="fast", rank=16, principal_rank=16, max_iter=60)
+    results = {}
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        calls.clear()
+        results[dtype] = spectral_metrics(W0.to(dtype), W1.to(dtype), opts).columns
+        # With tiles a 700 x 600 matrix's Gram matrix pays for the steps it saves (both sides); without, only
+        # tall matrices form one.
+        assert calls == ([True, True] if dtype == torch.bfloat16 else []), (dtype, calls)
+    ref = reference.spectral(W0.double().numpy(), W1.double().numpy(), k=16, r=16)
+    for c in COLS:
+        got = results[torch.bfloat16][c]
+        assert abs(got - ref[c]) <= 0.01 + 0.02 * abs(ref[c]), (c, got, ref[c])
+    via_tiles = topk_svd_fast(W0, 16, SpectralOptions(), expected_steps=60, bf16_exact=True)
+    ref_s = np.linalg.svd(W0.double().numpy(), compute_uv=False)[:16]
+    assert np.max(np.abs(via_tiles.S.numpy() - ref_s) / ref_s) < 1e-6
+
+
+def test_fast_solver_ignores_the_callers_float32_matmul_precision():
+    # torch.set_float32_matmul_precision("medium") lets oneDNN round float32 inputs to bf16 (CPUs with bf16
+    # arithmetic); the solver's products must stay float32, and the caller's setting must survive the call.
+    W0, W1 = noise_bulk_pair(300, 260)
+    W0, W1 = W0 + 1e-4, W1 + 1e-4  # entries that are not bf16 values, so that rounding them would show
+    opts = SpectralOptions(solver="fast", rank=16, principal_rank=16)
+    before = torch.get_float32_matmul_precision()
+    strict = spectral_metrics(W0, W1, opts).columns
+    try:
+        torch.set_float32_matmul_precision("medium")
+        loose = spectral_metrics(W0, W1, opts).columns
+        assert torch.get_float32_matmul_precision() == "medium"
+        mm = spectral._mkldnn_matmul()
+        if mm is not None:
+            assert mm.fp32_precision == "bf16"
+    finally:
+        torch.set_float32_matmul_precision(before)
+    assert loose == strict
+
+
+def test_cpu_fp32_products_restores_the_setting_on_error():
+    mm = spectral._mkldnn_matmul()
+    if mm is None:  # older torch: only the global precision, which "ieee" leaves at "highest"
+        with spectral.cpu_fp32_products("ieee"):
+            assert torch.get_float32_matmul_precision() == "highest"
+        return
+    before = mm.fp32_precision
+    with pytest.raises(RuntimeError, match="boom"), spectral.cpu_fp32_products("ieee"):
+        assert mm.fp32_precision == "ieee"
+        with spectral.cpu_fp32_products("bf16"):
+            assert mm.fp32_precision == "bf16"
+        assert mm.fp32_precision == "ieee"
+        raise RuntimeError("boom")
+    assert mm.fp32_precision == before

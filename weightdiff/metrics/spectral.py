@@ -22,7 +22,11 @@ Solvers:
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
+import threading
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -57,6 +61,12 @@ LIKELY_PASS = 10
 EXPECTED_STEPS = 16
 #: fast solver: matrices at least this many times taller than wide may apply W^T W through their Gram matrix.
 GRAM_OPERATOR_ASPECT = 4
+#: fast solver, bf16-stored matrices on CPUs with AMX (``bf16_gram_available``): seconds per unit on the 2-core
+#: CPU (docs/performance.md) of a step through W (per m n b), a step through the Gram matrix (per n^2 b), and the
+#: Gram matrix formed by oneDNN's bf16 tiles (per m n^2; three times faster than the float32 one).
+STEP_DIRECT_S = 2.5e-11
+STEP_GRAM_S = 1.1e-11
+GRAM_BF16_S = 2.0e-12
 
 
 @dataclass(frozen=True)
@@ -150,6 +160,7 @@ def topk_svd_fast(
     float64_ritz: bool = True,
     first_check: int = 3,
     expected_steps: int = EXPECTED_STEPS,
+    bf16_exact: bool = False,
 ) -> TopK:
     """Top-k singular triplets by randomized block Krylov iteration with a float64 Rayleigh-Ritz step.
 
@@ -172,6 +183,9 @@ def topk_svd_fast(
     A matrix at least ``GRAM_OPERATOR_ASPECT`` times taller than wide (an embedding or an LM head) applies A
     through its float32 Gram matrix W^T W where ``expected_steps`` products with W would cost more than
     forming it (``_gram_operator_pays``): the skinny products stream the whole matrix from memory each step.
+    ``bf16_exact``: every entry of W is a bfloat16 value (bf16 storage); on a CPU with AMX the Gram matrix then
+    comes from bf16 tile products with float32 accumulation, exact products of the same entries and about
+    three times faster than float32 ones, so that it pays for most shapes, not only tall ones.
 
     The result comes from a float64 Rayleigh-Ritz step on the top k + k/2 Ritz vectors of that space: one
     float64 product of W with a few dozen columns, then the eigendecomposition of their small Gram matrix,
@@ -190,11 +204,12 @@ def topk_svd_fast(
     m, n = W.shape
     if n > m:
         # The basis lives on the smaller side: fewer rows to orthogonalise, and a smaller space to fill.
-        t = topk_svd_fast(W.T, k, opts, block, float64_ritz, first_check, expected_steps)
+        t = topk_svd_fast(W.T, k, opts, block, float64_ritz, first_check, expected_steps, bf16_exact)
         return TopK(t.V, t.S, t.U, t.full, t.iterations)
     b = max(1, min(block if block is not None else min(k, KRYLOV_BLOCK), n))
     W32 = W.to(torch.float32)
-    G32 = _gram32(W32) if _gram_operator_pays(m, n, b, expected_steps) else None
+    tiles = bf16_exact and W.device.type == "cpu" and bf16_gram_available()
+    G32 = _gram32(W32, tiles) if _gram_operator_pays(m, n, b, expected_steps, tiles) else None
     g = torch.Generator(device="cpu").manual_seed(opts.seed)
     Y64 = torch.randn(n, b, generator=g, dtype=torch.float32).to(W.device, torch.float64)
     # Preallocated: the basis Q and G = Q^T (W^T W) Q (from the float32 products), filled p columns so far.
@@ -297,9 +312,13 @@ def _steps_to_next_check(per_step: float, cheap: bool, tol: float) -> int:
     return max(1, int(math.log(tol / per_step) / math.log(FASTEST_SHRINK)))
 
 
-def _gram_operator_pays(m: int, n: int, b: int, steps: int) -> bool:
+def _gram_operator_pays(m: int, n: int, b: int, steps: int, tiles: bool = False) -> bool:
     """Whether the fast solver should apply W^T W (W m x n, m >= n) through its Gram matrix for ``steps`` steps
-    of ``b`` columns.
+    of ``b`` columns; ``tiles``: the Gram matrix would come from bf16 tile products (``_gram32``).
+
+    With tiles, from the measured costs: forming it costs ``GRAM_BF16_S`` m n^2 and saves
+    ``STEP_DIRECT_S`` m n b - ``STEP_GRAM_S`` n^2 b a step (on the 2-core CPU it pays on 2048 x 2048 and
+    5632 x 2048 matrices, not on 4096 x 4096 ones that converge in 15 steps).
 
     Forming W^T W costs about 1.25 m n^2 flops in large products (``_gram32``); a step costs 4 m n b flops in
     two skinny products. On a matrix much taller than wide those stream the whole matrix from memory and run
@@ -307,25 +326,91 @@ def _gram_operator_pays(m: int, n: int, b: int, steps: int) -> bool:
     columns against 0.60 s for the Gram matrix), so the Gram matrix pays after about n / (8 b) steps; each of
     its own steps costs 2 n^2 b flops, a small fraction. Squarer matrices gain little: their steps stay in
     cache."""
+    if tiles:
+        return GRAM_BF16_S * m * n * n < steps * b * n * (STEP_DIRECT_S * m - STEP_GRAM_S * n)
     return m >= GRAM_OPERATOR_ASPECT * n and 8 * b * steps > n
 
 
-def _gram32(W32: torch.Tensor) -> torch.Tensor:
+def _gram32(W32: torch.Tensor, tiles: bool = False) -> torch.Tensor:
     """W^T W for a float32 W, from the products of column blocks on and above the diagonal (10 of the 16 for
     4 blocks), each mirrored below: 27% less time than one full product on a 32000 x 2048 matrix. The entries
     are the same dot products (they may round differently from one full product), and G is exactly
-    symmetric."""
+    symmetric.
+
+    ``tiles``: W's entries are all bfloat16 values, and the products run with oneDNN's bf16 arithmetic
+    (``cpu_fp32_products("bf16")``), which rounds the inputs to bf16 (exact here), multiplies them exactly and
+    accumulates in float32: the same accuracy as float32 products, on AMX tiles."""
     n = W32.shape[1]
     edges = [round(i * n / _GRAM_BLOCKS) for i in range(_GRAM_BLOCKS + 1)]
     G = torch.empty(n, n, dtype=W32.dtype, device=W32.device)
-    for i in range(_GRAM_BLOCKS):
-        rows = slice(edges[i], edges[i + 1])
-        for j in range(i, _GRAM_BLOCKS):
-            cols = slice(edges[j], edges[j + 1])
-            torch.matmul(W32[:, rows].T, W32[:, cols], out=G[rows, cols])
-            if j > i:
-                G[cols, rows] = G[rows, cols].T
+    with cpu_fp32_products("bf16") if tiles else contextlib.nullcontext():
+        for i in range(_GRAM_BLOCKS):
+            rows = slice(edges[i], edges[i + 1])
+            for j in range(i, _GRAM_BLOCKS):
+                cols = slice(edges[j], edges[j + 1])
+                torch.matmul(W32[:, rows].T, W32[:, cols], out=G[rows, cols])
+                if j > i:
+                    G[cols, rows] = G[rows, cols].T
     return G
+
+
+# cpu_fp32_products changes a process-wide setting; the lock keeps two threads from restoring each other's
+# values (which could leave bf16 products switched on for everyone).
+_PRECISION_LOCK = threading.RLock()
+
+
+def _mkldnn_matmul() -> Any:
+    """torch.backends.mkldnn.matmul where it has ``fp32_precision`` (torch 2.9 and later), else None."""
+    mm = getattr(getattr(torch.backends, "mkldnn", None), "matmul", None)
+    return mm if mm is not None and hasattr(mm, "fp32_precision") else None
+
+
+@contextlib.contextmanager
+def cpu_fp32_products(mode: str = "ieee") -> Iterator[None]:
+    """Float32 matrix products on the CPU in ``mode`` inside the block, whatever the caller had set.
+
+    ``"ieee"``: true float32 products. The fast solver needs them: after a caller's
+    ``torch.set_float32_matmul_precision("medium")`` oneDNN would round float32 inputs to bf16, and the
+    products that grow the Krylov space would be off by about 1e-3. ``"bf16"``: inputs rounded to bf16,
+    exact products, float32 accumulation (``_gram32`` with tiles; only for matrices whose entries are bf16
+    values). The setting is process-wide: float32 products run by other threads meanwhile follow it too.
+    The previous value is restored on the way out."""
+    mm = _mkldnn_matmul()
+    with _PRECISION_LOCK:
+        if mm is not None:
+            previous = mm.fp32_precision
+            mm.fp32_precision = mode
+            try:
+                yield
+            finally:
+                mm.fp32_precision = previous
+        elif mode == "ieee" and torch.get_float32_matmul_precision() != "highest":
+            # Older torch: the one global precision setting ("highest" is full float32).
+            previous = torch.get_float32_matmul_precision()
+            torch.set_float32_matmul_precision("highest")
+            try:
+                yield
+            finally:
+                torch.set_float32_matmul_precision(previous)
+        else:
+            yield
+
+
+@functools.lru_cache(maxsize=1)
+def bf16_gram_available() -> bool:
+    """Whether bf16-valued float32 products can run on AMX tiles here: the CPU has AMX, torch can switch
+    oneDNN's float32 products to bf16 arithmetic, and doing so really changes a product (a torch without
+    oneDNN ignores the setting). Checked once per process."""
+    amx = getattr(torch.cpu, "_is_amx_tile_supported", None)
+    if _mkldnn_matmul() is None or amx is None or not amx():
+        return False
+    # 64 x 64: torch sends smaller products to MKL, which the setting does not affect.
+    x = torch.full((64, 64), 1 + 2**-12)  # not a bf16 value: rounding it to bf16 changes the product
+    with cpu_fp32_products("ieee"):
+        exact = x @ x
+    with cpu_fp32_products("bf16"):
+        rounded = x @ x
+    return not torch.equal(exact, rounded)
 
 
 _GRAM_BLOCKS = 4
@@ -567,7 +652,15 @@ def choose_solver(opts: SpectralOptions, shape: tuple[int, int], device: torch.d
 
 
 def spectral_metrics(base: torch.Tensor, tuned: torch.Tensor, opts: SpectralOptions) -> SpectralResult:
-    """All section-2 columns for one 2-D pair (both dims >= 2), plus the vectors for the --spectra table."""
+    """All section-2 columns for one 2-D pair (both dims >= 2), plus the vectors for the --spectra table.
+
+    On the CPU the float32 products run as true float32 products whatever precision the caller set for
+    torch's float32 matrix products (``cpu_fp32_products``)."""
+    with cpu_fp32_products("ieee") if base.device.type == "cpu" else contextlib.nullcontext():
+        return _spectral_metrics(base, tuned, opts)
+
+
+def _spectral_metrics(base: torch.Tensor, tuned: torch.Tensor, opts: SpectralOptions) -> SpectralResult:
     m, n = base.shape
     k = min(opts.rank, m, n)
     r = min(opts.principal_rank, m, n)
@@ -592,8 +685,15 @@ def spectral_metrics(base: torch.Tensor, tuned: torch.Tensor, opts: SpectralOpti
     elif solver == "gram":
         t0, t1 = topk_svd_gram(W0, need), topk_svd_gram(W1, need)
     else:
-        t0 = topk_svd_fast(W0, need, opts)
-        t1 = topk_svd_fast(W1, need, opts, first_check=t0.iterations, expected_steps=t0.iterations)
+        t0 = topk_svd_fast(W0, need, opts, bf16_exact=base.dtype == torch.bfloat16)
+        t1 = topk_svd_fast(
+            W1,
+            need,
+            opts,
+            first_check=t0.iterations,
+            expected_steps=t0.iterations,
+            bf16_exact=tuned.dtype == torch.bfloat16,
+        )
     U0, S0, V0 = t0.U[:, :k], t0.S[:k], t0.V[:, :k]
     U1, S1, V1 = t1.U[:, :k], t1.S[:k], t1.V[:, :k]
     ang_u = torch.rad2deg(principal_angles(U0, U1))
