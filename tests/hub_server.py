@@ -18,6 +18,7 @@ the loopback interface. It is a test double, not a Hub: no uploads, no listing b
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import json
 import re
@@ -74,6 +75,13 @@ class Faults:
     omit_siblings: bool = False
     #: Files answered with 404 EntryNotFound although they exist.
     missing_files: set[str] = field(default_factory=set)
+    #: Widen every answered range outward to multiples of this many bytes (206 with the wider Content-Range),
+    #: as a server or cache that aligns ranges may.
+    align_ranges: int | None = None
+    #: Send .json files gzip-compressed (with Content-Encoding: gzip) although identity was asked for.
+    gzip_json: bool = False
+    #: Send bodies chunked (Transfer-Encoding: chunked, no Content-Length).
+    chunked: bool = False
     #: Only file requests whose name matches this apply the body/status faults (None: all files).
     only_files: set[str] | None = None
 
@@ -405,6 +413,9 @@ class _Handler(BaseHTTPRequestHandler):
                 self.end_headers()
                 return None
             partial = True
+        if faulty and partial and faults.align_ranges:
+            step = faults.align_ranges
+            first, last = first - first % step, min(size - 1, last - last % step + step - 1)
         body = memoryview(data)[first : last + 1]  # a view: a 16 MiB part is not copied before sending
         announced_first, announced_last = first, last
         length: int | None = len(body)
@@ -420,6 +431,11 @@ class _Handler(BaseHTTPRequestHandler):
             if faults.long_body:
                 body, length, close_after = bytes(body) + b"\0" * 16, None, True
         truncate = faulty and faults.truncate_body and len(body) > 1
+        encoding = faults.content_encoding if faulty else None
+        if faulty and faults.gzip_json and name.endswith(".json"):
+            body, encoding = memoryview(gzip.compress(bytes(body))), "gzip"
+            length = len(body)
+        chunked = faulty and faults.chunked
 
         self.send_response(206 if partial else 200)
         if partial:
@@ -428,9 +444,11 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("ETag", _etag(data))
         if not cdn:
             self.send_header("X-Repo-Commit", "0" * 40 if faulty and faults.wrong_commit else sha)
-        if faulty and faults.content_encoding:
-            self.send_header("Content-Encoding", faults.content_encoding)
-        if length is not None:
+        if encoding:
+            self.send_header("Content-Encoding", encoding)
+        if chunked:
+            self.send_header("Transfer-Encoding", "chunked")
+        elif length is not None:
             self.send_header("Content-Length", str(length))
         if close_after or truncate:
             self.send_header("Connection", "close")
@@ -442,6 +460,12 @@ class _Handler(BaseHTTPRequestHandler):
             body = body[: len(body) // 2]
         # Counted before it is sent: a client may check the count as soon as its last byte has arrived.
         self.fake._count(len(body))
+        if chunked:
+            for at in range(0, len(body), 1 << 16):
+                part = body[at : at + (1 << 16)]
+                self.wfile.write(b"%x\r\n" % len(part) + bytes(part) + b"\r\n")
+            self.wfile.write(b"0\r\n\r\n")
+            return None
         self.wfile.write(body)
         return None
 

@@ -28,9 +28,9 @@ from weightdiff.sources.hub import HubSource, looks_like_repo_id, parse_spec
 from weightdiff.sources.local import LocalSource
 
 try:
-    from tests.hub_server import FakeHub, files_from_dir
+    from tests.hub_server import FakeHub, Faults, files_from_dir
 except ImportError:  # pytest put tests/ itself on sys.path
-    from hub_server import FakeHub, files_from_dir  # type: ignore[no-redef]
+    from hub_server import FakeHub, Faults, files_from_dir  # type: ignore[no-redef]
 
 TOKEN = "hf_TESTsecretTOKEN0123456789abcdef"
 WRONG_TOKEN = "hf_WRONGsecret9876543210zyxwvu"
@@ -384,6 +384,52 @@ def test_server_ignoring_range_on_a_small_file_is_sliced_correctly(hub: FakeHub,
         for name, info in source.tensors().items():
             assert _bits(source.read(info)) == _bits(local.read(local.tensors()[name])), name
     local.close()
+
+
+@pytest.mark.parametrize("direct", [True, False], ids=["direct", "httpx"])
+def test_unusual_but_honest_servers_give_the_same_tensors(
+    hub: FakeHub, sharded_dir: Path, direct: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Answers a strict reading would refuse, although their bytes are right and say where they are: ranges
+    # widened to 1 KiB boundaries, JSON gzipped, bodies chunked, and a chunked 200 without a length from a
+    # server that ignores Range (small files only).
+    local = LocalSource(sharded_dir)
+    expected = {name: _bits(local.read(info)) for name, info in local.tensors().items()}
+    local.close()
+    cases = [
+        {"align_ranges": 1024},
+        {"gzip_json": True},
+        {"chunked": True},
+        {"chunked": True, "ignore_range": True},
+    ]
+    for switches in cases:
+        hub.faults = Faults(**switches)
+        with open_hub(hub, direct_ranges=direct) as source:
+            got = {name: _bits(source.read(info)) for name, info in source.tensors().items()}
+        assert got == expected, switches
+    # Widened ranges cost the bytes around each asked range, never more than one alignment step a side.
+    hub.faults = Faults(align_ranges=1024)
+    with open_hub(hub, direct_ranges=direct) as source:
+        infos = source.tensors()
+        before = source.bytes_transferred
+        for info in infos.values():
+            source.read(info)
+        assert source.bytes_transferred - before <= sum(i.end - i.start + 2048 for i in infos.values())
+    # Beyond MAX_UNRANGED_BODY a body of unknown length is still refused, whole files are never fetched.
+    monkeypatch.setattr(HubSource, "MAX_UNRANGED_BODY", 64)
+    hub.faults = Faults(chunked=True, ignore_range=True, only_files={SHARD2})
+    pattern = r"00002\.safetensors: the server ignored the byte-range request \(HTTP 200 with the whole unknown-size"
+    with pytest.raises(RemoteError, match=pattern), open_hub(hub, direct_ranges=direct) as source:
+        source.tensors()  # reading the shard's header is refused already
+
+
+def test_undecodable_gzip_json_is_a_clear_error(hub: FakeHub) -> None:
+    # A JSON answer labelled gzip whose body is not gzip is refused, not parsed.
+    hub.faults = Faults(content_encoding="gzip", only_files={"model.safetensors.index.json"})
+    with pytest.raises(
+        RemoteError, match=r"index\.json: the server labelled the body gzip but it does not decode"
+    ):
+        open_hub(hub).tensors()
 
 
 # --------------------------------------------------------------------------------------------- planning

@@ -39,6 +39,7 @@ import ssl
 import threading
 import time
 import urllib.request
+import zlib
 from collections.abc import Callable
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -97,6 +98,9 @@ _NAME = r"[A-Za-z0-9_](?:[A-Za-z0-9_.-]{0,94}[A-Za-z0-9_])?"
 _SPEC_RE = re.compile(rf"(?P<repo>{_NAME}/{_NAME})(?:@(?P<rev>[^\s@]+))?", re.ASCII)
 _SHA_RE = re.compile(r"[0-9a-f]{40}")
 _CONTENT_RANGE_RE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
+#: Content-Encodings a whole JSON file may arrive in, with zlib's window bits for each (gzip and zlib
+#: streams, as the HTTP "deflate" coding is).
+_ZLIB_ENCODINGS = {"gzip": 16 + zlib.MAX_WBITS, "x-gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}
 
 
 # --------------------------------------------------------------------------------------------------- specs
@@ -1043,19 +1047,29 @@ class HubSource(Source):
         want_last = end - 1
         if clamp_ok and total is not None and last == total - 1 < want_last:
             want_last = last
-        if first != start or last != want_last:
+        want = want_last - start + 1
+        span = last - first + 1
+        # A server may send more than was asked (RFC 9110 lets it align or coalesce ranges): the asked bytes
+        # are cut out of the range its Content-Range names, if that range holds them all and is not much
+        # larger. Anything else is refused: bytes are only ever taken from where the server says they are.
+        wider = first <= start and last >= want_last and span - want <= max(want, self.MAX_UNRANGED_BODY)
+        if (first, last) != (start, want_last) and not wider:
             raise self._error(
                 f"{label}: asked for bytes {start}-{end - 1} but the server sent {first}-{last} "
                 f"(Content-Range {content_range!r})"
             )
-        want = want_last - start + 1
         length = response.headers.get("Content-Length")
-        if length is not None and length.strip() != str(want):
+        if length is not None and length.strip() != str(span):
             raise self._error(
-                f"{label}: Content-Length {length.strip()} disagrees with the {want}-byte range requested "
-                f"(bytes {start}-{want_last})"
+                f"{label}: Content-Length {length.strip()} disagrees with the {span}-byte range "
+                f"{'sent' if span != want else 'requested'} (bytes {first}-{last})"
             )
-        self._drain(response, file, out[:want])
+        if span == want:
+            self._drain(response, file, out[:want])
+        else:
+            sent = memoryview(bytearray(span))
+            self._drain(response, file, sent)
+            out[:want] = sent[start - first : start - first + want]
         return want, total
 
     def _read_unranged(self, response: Any, ask: _Ask) -> tuple[int, int | None]:
@@ -1064,18 +1078,30 @@ class HubSource(Source):
         self._check_identity(response, file)
         length = response.headers.get("Content-Length")
         total = int(length) if length is not None and length.strip().isdigit() else None
-        if total is None or total > self.MAX_UNRANGED_BODY:
-            shown = f"{total}-byte" if total is not None else "unknown-size"
-            raise self._error(
-                f"{label}: the server ignored the byte-range request (HTTP 200 with the whole {shown} file instead of "
-                "206 Partial Content); refusing to download whole files to read part of them: use --download"
-            )
-        if size is not None and total != size:
+        refusal = (
+            "{label}: the server ignored the byte-range request (HTTP 200 with the whole {shown} file instead of "
+            "206 Partial Content); refusing to download whole files to read part of them: use --download"
+        )
+        if total is not None and total > self.MAX_UNRANGED_BODY:
+            raise self._error(refusal.format(label=label, shown=f"{total}-byte"))
+        if size is not None and total is not None and total != size:
             raise self._error(
                 f"{label}: the file is now {total} bytes, it was {size} when its header was read"
             )
-        whole = bytearray(total)
-        self._drain(response, file, memoryview(whole))
+        if total is None:
+            # No length (a chunked body, or one that ends when the connection closes): read on while the
+            # file could still be a small one.
+            whole = self._drain_upto(response, self.MAX_UNRANGED_BODY)
+            if whole is None:
+                raise self._error(refusal.format(label=label, shown="unknown-size"))
+            total = len(whole)
+            if size is not None and total != size:
+                raise self._error(
+                    f"{label}: the file is now {total} bytes, it was {size} when its header was read"
+                )
+        else:
+            whole = bytearray(total)
+            self._drain(response, file, memoryview(whole))
         stop = min(end, total) if clamp_ok else end
         if stop > total:
             raise self._error(f"{label}: bytes {start}-{end - 1} lie past the end of the {total}-byte file")
@@ -1125,6 +1151,22 @@ class HubSource(Source):
                 f"{self._label(file)}: over-long body: the server sent more than the {want} bytes asked for"
             )
 
+    def _drain_upto(self, response: Any, limit: int) -> bytearray | None:
+        """The whole body of an answer without a length, or None once it runs past ``limit`` bytes."""
+        data = bytearray()
+        if isinstance(response, direct.DirectResponse):
+            buf = memoryview(bytearray(64 * 1024))
+            chunks: Any = iter(lambda: bytes(buf[: response.readinto(buf)]), b"")
+        else:
+            chunks = response.iter_raw()
+        for chunk in chunks:
+            with self._lock:
+                self.bytes_transferred += len(chunk)
+            data += chunk
+            if len(data) > limit:
+                return None
+        return data
+
     def _get_whole(self, file: str, missing_ok: bool = False) -> bytes | None:
         """A small file (index, config) in one plain GET; None when ``missing_ok`` and it does not exist."""
         url = self._url(file)
@@ -1137,6 +1179,9 @@ class HubSource(Source):
                         return None
                     if response.status_code != 200:
                         self._raise_status(response, file)
+                    encoding = response.headers.get("Content-Encoding", "identity").strip().lower()
+                    if encoding in _ZLIB_ENCODINGS:
+                        return self._decoded_whole(response, file, encoding)
                     self._check_identity(response, file)
                     length = response.headers.get("Content-Length")
                     if length is not None and length.strip().isdigit():
@@ -1165,3 +1210,20 @@ class HubSource(Source):
                 raise _Transient(f"connection failed or dropped ({_describe_exc(exc)})") from None
 
         return self._with_retries(self._label(file), attempt)
+
+    def _decoded_whole(self, response: Any, file: str, encoding: str) -> bytes:
+        """A small whole file sent compressed although identity was asked for (some proxies compress JSON):
+        decoded, as the file itself is what is wanted, within MAX_JSON_BYTES both ways."""
+        raw = self._drain_upto(response, MAX_JSON_BYTES)
+        if raw is None:
+            raise self._error(f"{self._label(file)}: too large for a JSON file")
+        decoder = zlib.decompressobj(_ZLIB_ENCODINGS[encoding])
+        try:
+            data = decoder.decompress(bytes(raw), MAX_JSON_BYTES + 1)
+        except zlib.error as exc:
+            raise self._error(
+                f"{self._label(file)}: the server labelled the body {encoding} but it does not decode ({exc})"
+            ) from None
+        if len(data) > MAX_JSON_BYTES or not decoder.eof:
+            raise self._error(f"{self._label(file)}: not a whole {encoding} stream of a JSON file")
+        return data
