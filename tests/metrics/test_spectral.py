@@ -551,9 +551,9 @@ def test_tile_gram_cost_model():
     assert not pays(2048, 2048, 32, 15)  # without tiles only tall matrices use G
 
 
-def test_tile_gram_only_for_bf16_storage(monkeypatch):
-    # Only bf16-stored matrices may go through the bf16 tiles: rounding float16 or float32 entries to bf16 would
-    # change the matrix.
+@pytest.fixture
+def gram_calls(monkeypatch) -> list[bool]:
+    """Pretends the CPU has AMX and records, per Gram matrix formed, whether it came from the bf16 tiles."""
     monkeypatch.setattr(spectral, "bf16_gram_available", lambda: True)
     calls: list[bool] = []
     real = spectral._gram32
@@ -563,6 +563,13 @@ def test_tile_gram_only_for_bf16_storage(monkeypatch):
         return real(W, tiles)
 
     monkeypatch.setattr(spectral, "_gram32", spy)
+    return calls
+
+
+def test_tile_gram_only_for_bf16_storage(gram_calls):
+    # Only bf16-stored matrices may go through the bf16 tiles: rounding float16 or float32 entries to bf16 would
+    # change the matrix.
+    calls = gram_calls
     W0, W1 = noise_bulk_pair(700, 600)
     opts = SpectralOptions(solver="fast", rank=16, principal_rank=16, max_iter=60)
     results = {}
@@ -615,3 +622,22 @@ def test_cpu_fp32_products_restores_the_setting_on_error():
         assert mm.fp32_precision == "ieee"
         raise RuntimeError("boom")
     assert mm.fp32_precision == before
+
+
+def test_tiny_matrices_keep_float32_products(gram_calls):
+    # AMX flushes subnormal products to zero: a bf16 matrix with entries near 1e-19 would get a Gram matrix of
+    # zeros from the tiles. Such matrices keep float32 products, and the angles stay scale-invariant.
+    calls = gram_calls
+    W0, W1 = noise_bulk_pair(700, 600)
+    opts = SpectralOptions(solver="fast", rank=16, principal_rank=16, max_iter=60)
+    scale = 2.0**-60  # a power of two: the scaled matrices hold exactly the scaled values
+    unit = spectral_metrics(W0.to(torch.bfloat16), W1.to(torch.bfloat16), opts).columns
+    assert calls == [True, True]
+    calls.clear()
+    tiny = spectral_metrics((W0 * scale).to(torch.bfloat16), (W1 * scale).to(torch.bfloat16), opts).columns
+    assert calls == []
+    for c in ("angle_u_max_deg", "angle_v_max_deg", "angle_u_mean_deg", "angle_v_mean_deg"):
+        assert tiny[c] == pytest.approx(unit[c], abs=1e-4), c
+    assert tiny["sv_drift_topk"] == pytest.approx(unit["sv_drift_topk"], rel=1e-4)
+    assert not spectral._tile_safe(torch.full((4, 4), 2.0**-41))
+    assert spectral._tile_safe(torch.full((4, 4), 2.0**-40))

@@ -208,7 +208,7 @@ def topk_svd_fast(
         return TopK(t.V, t.S, t.U, t.full, t.iterations)
     b = max(1, min(block if block is not None else min(k, KRYLOV_BLOCK), n))
     W32 = W.to(torch.float32)
-    tiles = bf16_exact and W.device.type == "cpu" and bf16_gram_available()
+    tiles = bf16_exact and W.device.type == "cpu" and bf16_gram_available() and _tile_safe(W32)
     G32 = _gram32(W32, tiles) if _gram_operator_pays(m, n, b, expected_steps, tiles) else None
     g = torch.Generator(device="cpu").manual_seed(opts.seed)
     Y64 = torch.randn(n, b, generator=g, dtype=torch.float32).to(W.device, torch.float64)
@@ -354,6 +354,16 @@ def _gram32(W32: torch.Tensor, tiles: bool = False) -> torch.Tensor:
     return G
 
 
+#: Matrices whose largest entry is below this keep float32 products: AMX flushes subnormal products to zero,
+#: which for entries this small would no longer be negligible next to float32 rounding (2^-40 squared is
+#: 2^46 times the smallest normal float32).
+TILE_MIN_MAGNITUDE = 2.0**-40
+
+
+def _tile_safe(W32: torch.Tensor) -> bool:
+    return float(W32.abs().max()) >= TILE_MIN_MAGNITUDE if W32.numel() else False
+
+
 # cpu_fp32_products changes a process-wide setting; the lock keeps two threads from restoring each other's
 # values (which could leave bf16 products switched on for everyone).
 _PRECISION_LOCK = threading.RLock()
@@ -373,8 +383,11 @@ def cpu_fp32_products(mode: str = "ieee") -> Iterator[None]:
     ``torch.set_float32_matmul_precision("medium")`` oneDNN would round float32 inputs to bf16, and the
     products that grow the Krylov space would be off by about 1e-3. ``"bf16"``: inputs rounded to bf16,
     exact products, float32 accumulation (``_gram32`` with tiles; only for matrices whose entries are bf16
-    values). The setting is process-wide: float32 products run by other threads meanwhile follow it too.
-    The previous value is restored on the way out."""
+    values). The setting is process-wide: float32 products run by other threads meanwhile follow it too, and
+    while "bf16" is set torch's legacy ``get_float32_matmul_precision()`` raises in every thread (so the
+    solver sets it only around one Gram matrix). Callers in several threads take turns: a lock is held for
+    the whole block, so that no thread's "bf16" window falls inside another's float32 products. The
+    previous value is restored on the way out."""
     mm = _mkldnn_matmul()
     with _PRECISION_LOCK:
         if mm is not None:
