@@ -82,6 +82,8 @@ class Faults:
     gzip_json: bool = False
     #: Send bodies chunked (Transfer-Encoding: chunked, no Content-Length).
     chunked: bool = False
+    #: Cut the next N whole-file answers (200, sent without Content-Length) to half, then close (-1: all).
+    short_unranged: int = 0
     #: Only file requests whose name matches this apply the body/status faults (None: all files).
     only_files: set[str] | None = None
 
@@ -431,6 +433,9 @@ class _Handler(BaseHTTPRequestHandler):
             if faults.long_body:
                 body, length, close_after = bytes(body) + b"\0" * 16, None, True
         truncate = faulty and faults.truncate_body and len(body) > 1
+        if faulty and not partial and faults.short_unranged:
+            faults.short_unranged -= 1 if faults.short_unranged > 0 else 0
+            body, length, close_after = body[: len(body) // 2], None, True
         encoding = faults.content_encoding if faulty else None
         if faulty and faults.gzip_json and name.endswith(".json"):
             body, encoding = memoryview(gzip.compress(bytes(body))), "gzip"

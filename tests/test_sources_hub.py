@@ -423,6 +423,25 @@ def test_unusual_but_honest_servers_give_the_same_tensors(
         source.tensors()  # reading the shard's header is refused already
 
 
+@pytest.mark.parametrize("direct", [True, False], ids=["direct", "httpx"])
+def test_whole_file_answer_cut_short_is_retried(hub: FakeHub, sharded_dir: Path, direct: bool) -> None:
+    # A 200 without a length ends when the connection closes, so a dropped connection looks like the end of
+    # the file: the known file size tells it apart, and the read is tried again (then given up).
+    local = LocalSource(sharded_dir)
+    expected = {name: _bits(local.read(info)) for name, info in local.tensors().items()}
+    local.close()
+    with open_hub(hub, direct_ranges=direct) as source:
+        infos = source.tensors()
+        name, info = next((n, i) for n, i in infos.items() if Path(i.file).name == SHARD2)
+        hub.faults = Faults(ignore_range=True, short_unranged=1, only_files={SHARD2})
+        assert _bits(source.read(info)) == expected[name]
+        hub.faults = Faults(ignore_range=True, short_unranged=-1, only_files={SHARD2})
+        with pytest.raises(
+            RemoteError, match=r"short body: the server sent \d+ of the \d+-byte file \(gave up"
+        ):
+            source.read(info)
+
+
 def test_undecodable_gzip_json_is_a_clear_error(hub: FakeHub) -> None:
     # A JSON answer labelled gzip whose body is not gzip is refused, not parsed.
     hub.faults = Faults(content_encoding="gzip", only_files={"model.safetensors.index.json"})

@@ -1052,7 +1052,12 @@ class HubSource(Source):
         # A server may send more than was asked (RFC 9110 lets it align or coalesce ranges): the asked bytes
         # are cut out of the range its Content-Range names, if that range holds them all and is not much
         # larger. Anything else is refused: bytes are only ever taken from where the server says they are.
-        wider = first <= start and last >= want_last and span - want <= max(want, self.MAX_UNRANGED_BODY)
+        wider = (
+            first <= start
+            and last >= want_last
+            and (total is None or last < total)
+            and span - want <= max(want, self.MAX_UNRANGED_BODY)
+        )
         if (first, last) != (start, want_last) and not wider:
             raise self._error(
                 f"{label}: asked for bytes {start}-{end - 1} but the server sent {first}-{last} "
@@ -1095,6 +1100,9 @@ class HubSource(Source):
             if whole is None:
                 raise self._error(refusal.format(label=label, shown="unknown-size"))
             total = len(whole)
+            if size is not None and total < size:
+                # Without a length a dropped connection looks like the end of the body: worth another try.
+                raise _Transient(f"short body: the server sent {total} of the {size}-byte file")
             if size is not None and total != size:
                 raise self._error(
                     f"{label}: the file is now {total} bytes, it was {size} when its header was read"
@@ -1224,6 +1232,6 @@ class HubSource(Source):
             raise self._error(
                 f"{self._label(file)}: the server labelled the body {encoding} but it does not decode ({exc})"
             ) from None
-        if len(data) > MAX_JSON_BYTES or not decoder.eof:
+        if len(data) > MAX_JSON_BYTES or not decoder.eof or decoder.unused_data:
             raise self._error(f"{self._label(file)}: not a whole {encoding} stream of a JSON file")
         return data
