@@ -361,7 +361,10 @@ TILE_MIN_MAGNITUDE = 2.0**-40
 
 
 def _tile_safe(W32: torch.Tensor) -> bool:
-    return float(W32.abs().max()) >= TILE_MIN_MAGNITUDE if W32.numel() else False
+    if not W32.numel():
+        return False
+    lo, hi = torch.aminmax(W32)  # no |W| copy: an embedding's would take gigabytes
+    return max(-float(lo), float(hi)) >= TILE_MIN_MAGNITUDE
 
 
 # cpu_fp32_products changes a process-wide setting; the lock keeps two threads from restoring each other's
