@@ -823,3 +823,38 @@ def test_a_configured_proxy_routes_ranges_through_httpx(
     with open_hub(hub) as source:
         assert source._direct is None  # httpx honours the proxy settings; the direct client does not
         source.read(source.tensors()["ids"])
+
+
+def test_config_is_fetched_only_when_ties_can_matter(tmp_path: Path) -> None:
+    # tie_word_embeddings only decides how an output head and the embedding pair up: with filters that leave
+    # both out, no config.json request is made, and the bytes are the headers plus the selected tensors.
+    from weightdiff.realworld import plan_for
+
+    d = tmp_path / "tied"
+    d.mkdir()
+    g = torch.Generator().manual_seed(0)
+    tensors = {
+        "model.embed_tokens.weight": torch.randn(10, 4, generator=g),
+        "model.layers.0.w": torch.randn(4, 4, generator=g),
+        "lm_head.weight": torch.randn(10, 4, generator=g),
+    }
+    save_file(tensors, str(d / "model.safetensors"))
+    (d / "config.json").write_text(json.dumps({"tie_word_embeddings": True}))
+    with FakeHub() as hub:
+        hub.add_commit("org/tied", files_from_dir(d))
+        cases = [
+            (["model.layers.0.*"], False),
+            ([], True),
+            (["lm_head.weight"], True),
+            (["*embed_tokens*"], True),
+        ]
+        for include, fetched in cases:
+            hub.reset_counters()
+            with open_hub(hub, "org/tied") as base, open_hub(hub, "org/tied") as tuned:
+                plan = plan_for(base, tuned, include=include)
+            asked = any(r["path"].endswith("/config.json") for r in hub.file_requests())
+            assert asked == fetched, include
+            local = LocalSource(d)
+            expected = plan_for(local, local, include=include)
+            local.close()
+            assert [p.name for p in plan.pairs] == [p.name for p in expected.pairs], include

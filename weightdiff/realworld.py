@@ -16,8 +16,16 @@ import math
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
-from weightdiff.matching import RenameRule, ResizedPair, build_plan, tie_flag
-from weightdiff.pairing import Pair, Plan
+from weightdiff.matching import (
+    HEAD_NAMES,
+    RenameRule,
+    ResizedPair,
+    build_plan,
+    is_embedding_name,
+    is_head_name,
+    tie_flag,
+)
+from weightdiff.pairing import Pair, Plan, selected
 from weightdiff.sources import open_source
 from weightdiff.sources.adapter import AdapterSource, is_adapter_dir
 from weightdiff.sources.base import Source
@@ -53,14 +61,17 @@ def plan_for(
     def consumed(src: Source) -> list[str]:
         return src.consumed_scales if isinstance(src, Fp8Source) else []
 
+    # The configs' tie flags only decide how an output head and the token embedding pair up; when the filters
+    # leave both out they cannot change a row, and a Hub source is spared one request per side.
+    ties = _ties_matter(base, tuned, include, exclude)
     plan = build_plan(
         base.tensors(),
         tuned.tensors(),
         include=include,
         exclude=exclude,
         rules=rules,
-        base_tied=tie_flag(base.config()),
-        tuned_tied=tie_flag(tuned.config()),
+        base_tied=tie_flag(base.config()) if ties else None,
+        tuned_tied=tie_flag(tuned.config()) if ties else None,
         base_scaled=scaled(base),
         tuned_scaled=scaled(tuned),
         consumed_scales=[*consumed(base), *consumed(tuned)],
@@ -74,6 +85,20 @@ def plan_for(
             f"{len(d['tensors_replaced'])} tensors replaced whole",
         )
     return plan
+
+
+def _ties_matter(base: Source, tuned: Source, include: Sequence[str], exclude: Sequence[str]) -> bool:
+    """Whether the filters select an output head or a token embedding (under its own name or, for a head, any
+    spelling of lm_head), so that tied embeddings can matter; always true without filters."""
+    if not include and not exclude:
+        return True
+    for src in (base, tuned):
+        for name in src.tensors():
+            if is_head_name(name) and any(selected(n, include, exclude) for n in (name, *HEAD_NAMES)):
+                return True
+            if is_embedding_name(name) and selected(name, include, exclude):
+                return True
+    return False
 
 
 def _sum_squares_finite(t: torch.Tensor) -> float:
