@@ -569,16 +569,15 @@ def gram_calls(monkeypatch) -> list[bool]:
 def test_tile_gram_only_for_bf16_storage(gram_calls):
     # Only bf16-stored matrices may go through the bf16 tiles: rounding float16 or float32 entries to bf16 would
     # change the matrix.
-    calls = gram_calls
     W0, W1 = noise_bulk_pair(700, 600)
     opts = SpectralOptions(solver="fast", rank=16, principal_rank=16, max_iter=60)
     results = {}
     for dtype in (torch.bfloat16, torch.float16, torch.float32):
-        calls.clear()
+        gram_calls.clear()
         results[dtype] = spectral_metrics(W0.to(dtype), W1.to(dtype), opts).columns
         # With tiles a 700 x 600 matrix's Gram matrix pays for the steps it saves (both sides); without, only
         # tall matrices form one.
-        assert calls == ([True, True] if dtype == torch.bfloat16 else []), (dtype, calls)
+        assert gram_calls == ([True, True] if dtype == torch.bfloat16 else []), (dtype, gram_calls)
     ref = reference.spectral(W0.double().numpy(), W1.double().numpy(), k=16, r=16)
     for c in COLS:
         got = results[torch.bfloat16][c]
@@ -627,15 +626,14 @@ def test_cpu_fp32_products_restores_the_setting_on_error():
 def test_tiny_matrices_keep_float32_products(gram_calls):
     # AMX flushes subnormal products to zero: a bf16 matrix with entries near 1e-19 would get a Gram matrix of
     # zeros from the tiles. Such matrices keep float32 products, and the angles stay scale-invariant.
-    calls = gram_calls
     W0, W1 = noise_bulk_pair(700, 600)
     opts = SpectralOptions(solver="fast", rank=16, principal_rank=16, max_iter=60)
     scale = 2.0**-60  # a power of two: the scaled matrices hold exactly the scaled values
     unit = spectral_metrics(W0.to(torch.bfloat16), W1.to(torch.bfloat16), opts).columns
-    assert calls == [True, True]
-    calls.clear()
+    assert gram_calls == [True, True]
+    gram_calls.clear()
     tiny = spectral_metrics((W0 * scale).to(torch.bfloat16), (W1 * scale).to(torch.bfloat16), opts).columns
-    assert calls == []
+    assert gram_calls == []
     for c in ("angle_u_max_deg", "angle_v_max_deg", "angle_u_mean_deg", "angle_v_mean_deg"):
         assert tiny[c] == pytest.approx(unit[c], abs=1e-4), c
     assert tiny["sv_drift_topk"] == pytest.approx(unit["sv_drift_topk"], rel=1e-4)

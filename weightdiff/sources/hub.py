@@ -1089,25 +1089,22 @@ class HubSource(Source):
         )
         if total is not None and total > self.MAX_UNRANGED_BODY:
             raise self._error(refusal.format(label=label, shown=f"{total}-byte"))
-        if size is not None and total is not None and total != size:
-            raise self._error(
-                f"{label}: the file is now {total} bytes, it was {size} when its header was read"
-            )
+        whole: bytearray | None = None
         if total is None:
             # No length (a chunked body, or one that ends when the connection closes): read on while the
             # file could still be a small one.
             whole = self._drain_upto(response, self.MAX_UNRANGED_BODY)
             if whole is None:
                 raise self._error(refusal.format(label=label, shown="unknown-size"))
-            total = len(whole)
-            if size is not None and total < size:
+            if size is not None and len(whole) < size:
                 # Without a length a dropped connection looks like the end of the body: worth another try.
-                raise _Transient(f"short body: the server sent {total} of the {size}-byte file")
-            if size is not None and total != size:
-                raise self._error(
-                    f"{label}: the file is now {total} bytes, it was {size} when its header was read"
-                )
-        else:
+                raise _Transient(f"short body: the server sent {len(whole)} of the {size}-byte file")
+            total = len(whole)
+        if size is not None and total != size:
+            raise self._error(
+                f"{label}: the file is now {total} bytes, it was {size} when its header was read"
+            )
+        if whole is None:
             whole = bytearray(total)
             self._drain(response, file, memoryview(whole))
         stop = min(end, total) if clamp_ok else end
@@ -1200,13 +1197,9 @@ class HubSource(Source):
                         buf = bytearray(int(length))
                         self._drain(response, file, memoryview(buf))
                         return bytes(buf)
-                    data = bytearray()
-                    for chunk in response.iter_raw():
-                        with self._lock:
-                            self.bytes_transferred += len(chunk)
-                        data += chunk
-                        if len(data) > MAX_JSON_BYTES:
-                            raise self._error(f"{self._label(file)}: too large for a JSON file")
+                    data = self._drain_upto(response, MAX_JSON_BYTES)
+                    if data is None:
+                        raise self._error(f"{self._label(file)}: too large for a JSON file")
                     return bytes(data)
             except httpx.TooManyRedirects:
                 raise self._error(
