@@ -639,3 +639,23 @@ def test_tiny_matrices_keep_float32_products(gram_calls):
     assert tiny["sv_drift_topk"] == pytest.approx(unit["sv_drift_topk"], rel=1e-4)
     assert not spectral._tile_safe(torch.full((4, 4), 2.0**-41))
     assert spectral._tile_safe(torch.full((4, 4), 2.0**-40))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_matmul64_on_a_transposed_view_matches_float64(monkeypatch, dtype):
+    # The fast solver sees a wide matrix as the transpose of a contiguous one; _matmul64 then sums products of
+    # blocks of the stored rows. Small blocks force several (and a ragged last one); the row-major path is
+    # checked against the same reference.
+    monkeypatch.setattr(spectral, "_ROW_BLOCK", 64)
+    X = torch.randn(300, 170, generator=torch.Generator().manual_seed(5)).to(dtype)
+    Z = torch.randn(300, 9, dtype=torch.float64, generator=torch.Generator().manual_seed(6))
+    want = X.double().T @ Z
+    for W in (X.T, X.T.contiguous()):
+        got = spectral._matmul64(W, Z)
+        assert got.dtype == torch.float64 and got.shape == (170, 9)
+        assert float((got - want).abs().max()) <= 1e-13 * float(want.abs().max())
+    # The magnitude check reads the stored order of a transposed view: same answer either way.
+    tiny = torch.full((40, 30), 2.0**-41)
+    tiny[3, 7] = 2.0**-40
+    assert spectral._tile_safe(tiny.T) and spectral._tile_safe(tiny.T.contiguous())
+    assert not spectral._tile_safe(torch.full((40, 30), 2.0**-41).T)

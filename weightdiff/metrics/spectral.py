@@ -373,7 +373,9 @@ TILE_MIN_MAGNITUDE = 2.0**-40
 def _tile_safe(W32: torch.Tensor) -> bool:
     if not W32.numel():
         return False
-    lo, hi = torch.aminmax(W32)  # no |W| copy: an embedding's would take gigabytes
+    # No |W| copy (an embedding's would take gigabytes), and the pass over W's own memory order: aminmax of
+    # a transposed view (a wide matrix) strides through memory, ten times slower.
+    lo, hi = torch.aminmax(W32.T if W32.T.is_contiguous() and not W32.is_contiguous() else W32)
     return max(-float(lo), float(hi)) >= TILE_MIN_MAGNITUDE
 
 
@@ -632,6 +634,17 @@ def _matmul64(W: torch.Tensor, Z: torch.Tensor) -> torch.Tensor:
     """W @ Z in float64 for W of any float dtype, widening W a block of rows at a time."""
     if W.dtype == torch.float64:
         return W @ Z
+    if not W.is_contiguous() and W.T.is_contiguous():
+        # The transpose of a contiguous X (the fast solver's view of a wide matrix): W Z = sum over blocks of
+        # X's rows of X_block^T Z_block. Blocks of W's own rows would be strided copies, several times slower.
+        X = W.T
+        step = max(1, _ROW_BLOCK * X.shape[0] // X.shape[1])
+        out = torch.zeros(W.shape[0], Z.shape[1], dtype=torch.float64, device=W.device)
+        wide = torch.empty(min(step, X.shape[0]), X.shape[1], dtype=torch.float64, device=W.device)
+        for s in range(0, X.shape[0], step):
+            rows = X[s : s + step]
+            out.addmm_(wide[: rows.shape[0]].copy_(rows).T, Z[s : s + step])
+        return out
     out = torch.empty(W.shape[0], Z.shape[1], dtype=torch.float64, device=W.device)
     wide = _block_buffer(W, torch.float64)
     for s in _row_blocks(W.shape[0]):
