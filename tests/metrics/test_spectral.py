@@ -659,3 +659,40 @@ def test_matmul64_on_a_transposed_view_matches_float64(monkeypatch, dtype):
     tiny[3, 7] = 2.0**-40
     assert spectral._tile_safe(tiny.T) and spectral._tile_safe(tiny.T.contiguous())
     assert not spectral._tile_safe(torch.full((40, 30), 2.0**-41).T)
+
+
+@pytest.mark.parametrize(("m", "n", "k", "cycle"), [(2000, 400, 64, None), (1200, 300, 16, 2)])
+def test_thick_restarts_keep_the_documented_accuracy(monkeypatch, m, n, k, cycle):
+    # Through the Gram matrix (a tall matrix here) the basis restarts from its top k + k/2 Ritz vectors every
+    # RESTART_STEPS steps: with the default cycle (basis capped at 320 columns for k = 64) and with a short
+    # one, a dense spectrum around k restarts and still meets the tolerances, for the values and for the
+    # angles between base and tuned, as the same solver without restarts does.
+    W0, W1 = noise_bulk_pair(m, n)
+    if cycle is not None:
+        monkeypatch.setattr(spectral, "RESTART_STEPS", cycle)
+    opts = SpectralOptions(max_iter=80)
+    r0 = topk_svd_fast(W0, k, opts)
+    r1 = topk_svd_fast(W1, k, opts, first_check=r0.iterations, expected_steps=r0.iterations)
+    assert r0.restarts >= 1 and r1.restarts >= 1, (r0.restarts, r1.restarts)
+    monkeypatch.setattr(spectral, "RESTART_STEPS", 10**6)
+    plain = topk_svd_fast(W0, k, opts)
+    assert plain.restarts == 0
+    ref = reference.spectral(W0.double().numpy(), W1.double().numpy(), k=k, r=k)
+    for res, W in ((r0, W0), (r1, W1), (plain, W0)):
+        ref_s = np.linalg.svd(W.double().numpy(), compute_uv=False)[:k]
+        assert np.max(np.abs(res.S.numpy() - ref_s) / ref_s) < 1e-6
+        # The vectors are orthonormal (the kept Ritz vectors carry the basis through each restart).
+        eye = torch.eye(k, dtype=torch.float64)
+        assert float((res.V.T @ res.V - eye).abs().max()) < 1e-10
+    got_u = float(torch.rad2deg(principal_angles(r0.U, r1.U)).max())
+    got_v = float(torch.rad2deg(principal_angles(r0.V, r1.V)).max())
+    assert abs(got_u - ref["angle_u_max_deg"]) <= 0.01 + 0.02 * ref["angle_u_max_deg"]
+    assert abs(got_v - ref["angle_v_max_deg"]) <= 0.01 + 0.02 * ref["angle_v_max_deg"]
+
+
+def test_no_restarts_through_w():
+    # Applied through W itself (a square matrix without bf16 tiles), the steps' products dominate, and extra
+    # steps after a restart would cost more than the smaller basis saves: the basis grows as before.
+    W0, _ = noise_bulk_pair(500, 500)
+    res = topk_svd_fast(W0, 16, SpectralOptions(), expected_steps=1)
+    assert res.restarts == 0

@@ -67,6 +67,13 @@ GRAM_OPERATOR_ASPECT = 4
 STEP_DIRECT_S = 2.5e-11
 STEP_GRAM_S = 1.1e-11
 GRAM_BF16_S = 2.0e-12
+#: fast solver, when W^T W is applied through its Gram matrix (so that a step's products cost less than its
+#: float64 Gram-Schmidt on a large basis): after this many steps beyond the kept vectors the space is restarted
+#: from its top k + k/2 Ritz vectors (thick restart), which bounds the basis at 320 columns for k = 64.
+RESTART_STEPS = 7
+#: fast solver: after a restart the values converge more slowly per step, so the move that stops the iteration
+#: must be this much smaller (measured: the same accuracy as without restarts, docs/performance.md).
+RESTARTED_TOL_FACTOR = 0.15
 
 
 @dataclass(frozen=True)
@@ -97,6 +104,7 @@ class TopK:
     V: torch.Tensor
     full: torch.Tensor | None
     iterations: int = 0
+    restarts: int = 0
 
 
 def principal_angles(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
@@ -187,6 +195,13 @@ def topk_svd_fast(
     comes from bf16 tile products with float32 accumulation, exact products of the same entries and about
     three times faster than float32 ones, so that it pays for most shapes, not only tall ones.
 
+    Through the Gram matrix a step's products are cheap, and the float64 Gram-Schmidt and checks on a basis of
+    p columns dominate; there the basis restarts (Krylov-Schur thick restart) from its top k + k/2 Ritz vectors
+    every ``RESTART_STEPS`` steps, which bounds it at 320 columns for k = 64 instead of up to 900 on a dense
+    spectrum. The restarted space holds the best vectors found so far and its Ritz values only rise, so the
+    stopping rule still holds; it converges more slowly per step, and once restarted the iteration stops only
+    on a move under ``RESTARTED_TOL_FACTOR`` times the tolerance. ``TopK.restarts`` counts them.
+
     The result comes from a float64 Rayleigh-Ritz step on the top k + k/2 Ritz vectors of that space: one
     float64 product of W with a few dozen columns, then the eigendecomposition of their small Gram matrix,
     accurate to float64 rounding relative to sigma_1^2, far below the tolerances for the top k (see
@@ -205,7 +220,7 @@ def topk_svd_fast(
     if n > m:
         # The basis lives on the smaller side: fewer rows to orthogonalise, and a smaller space to fill.
         t = topk_svd_fast(W.T, k, opts, block, float64_ritz, first_check, expected_steps, bf16_exact)
-        return TopK(t.V, t.S, t.U, t.full, t.iterations)
+        return TopK(t.V, t.S, t.U, t.full, t.iterations, t.restarts)
     b = max(1, min(block if block is not None else min(k, KRYLOV_BLOCK), n))
     W32 = W.to(torch.float32)
     # bf16 tiles where they pay (the magnitude check, a pass over W, only then); else the float32 rule.
@@ -221,8 +236,13 @@ def topk_svd_fast(
     Y64 = torch.randn(n, b, generator=g, dtype=torch.float32).to(W.device, torch.float64)
     # Preallocated: the basis Q and G = Q^T (W^T W) Q (from the float32 products), filled p columns so far.
     cap = min(n, b * opts.max_iter)
-    Qbuf = torch.empty(n, cap, dtype=torch.float64, device=W.device)
-    Gbuf = torch.empty(cap, cap, dtype=torch.float64, device=W.device)
+    # Thick restarts (through the Gram matrix only): with the operator that cheap, a step's cost is the float64
+    # Gram-Schmidt and checks on the basis, which grow with it; through W the extra steps would cost more.
+    keep = min(n, k + max(8, k // 2))
+    restart_at = keep + RESTART_STEPS * b if G32 is not None and keep + RESTART_STEPS * b < cap else None
+    room = cap if restart_at is None else restart_at
+    Qbuf = torch.empty(n, room, dtype=torch.float64, device=W.device)
+    Gbuf = torch.empty(room, room, dtype=torch.float64, device=W.device)
     p = 0
     coef: torch.Tensor | None = None  # Q^T Y64 for the block to add, when already known
     prev: torch.Tensor | None = None
@@ -233,6 +253,7 @@ def topk_svd_fast(
     # eigvalsh, and if it passes the final step reuses them instead of decomposing G again.
     last_vecs: torch.Tensor | None = None
     likely = False
+    restarts = 0
     step = 0
     for step in range(1, opts.max_iter + 1):
         Y64 = _orthogonalise(Qbuf[:, :p], Y64, coef)[:, : cap - p]
@@ -261,7 +282,7 @@ def topk_svd_fast(
                 # never settle, and they are not checked.
                 live = top > RITZ_FLOOR * top[0]
                 moved = float(((top - prev).abs()[live] / top[live]).max()) if bool(live.any()) else 0.0
-                if moved < opts.tol:
+                if moved < opts.tol * (RESTARTED_TOL_FACTOR if restarts else 1.0):
                     break
                 per_step = moved / (step - prev_step)
                 likely = per_step < LIKELY_PASS * opts.tol
@@ -270,11 +291,23 @@ def topk_svd_fast(
                 cheap = p <= CHECK_ALWAYS_MAX or CHECK_FLOPS_PER_P3 * p**3 <= step_flops
                 next_check = step + _steps_to_next_check(per_step, cheap, opts.tol)
             prev, prev_step = top, step
-        last_vecs = None  # G grows below: the check's eigenvectors no longer describe it
         # Column scaling keeps the block's magnitudes near 1; the same scaling turns Q^T A Y into the next
         # block's first Gram-Schmidt coefficients.
         norms = AY.norm(dim=0).clamp(min=torch.finfo(torch.float64).tiny)
         Y64, coef = AY / norms, C / norms
+        if restart_at is not None and p + b > restart_at:
+            # Thick restart (Krylov-Schur): the next block is first made orthogonal to the whole space, then the
+            # space shrinks to its top Ritz vectors. A V for those vectors lies in their span plus that block,
+            # so the new space is again a Krylov space, holds the best vectors found so far, and its Ritz values
+            # only rise from theirs (G restarts as their diagonal of values).
+            Y64, coef = _orthogonalise(Qbuf[:, :p], Y64, coef), None
+            if last_vecs is None:
+                evals, last_vecs = torch.linalg.eigh(Gbuf[:p, :p])
+            top = last_vecs.flip(1)[:, :keep]
+            Qbuf[:, :keep] = Qbuf[:, :p] @ top
+            Gbuf[:keep, :keep] = torch.diag(evals.flip(0)[:keep])
+            p, restarts = keep, restarts + 1
+        last_vecs = None  # G changes below: the check's eigenvectors no longer describe it
     Q, G = Qbuf[:, :p], Gbuf[:p, :p]
     full = p >= n
     if not float64_ritz:
@@ -283,7 +316,7 @@ def topk_svd_fast(
         kk = min(k, S.numel())
         V = Q @ evecs.flip(1)[:, :kk]
         U = _left_vectors((W32 @ V.to(torch.float32)).to(torch.float64), S[:kk])
-        return TopK(U, S[:kk], V, S if full else None, step)
+        return TopK(U, S[:kk], V, S if full else None, step, restarts)
     if full:
         Z = Q  # the whole space: Rayleigh-Ritz on it is the exact decomposition
     else:
@@ -294,7 +327,7 @@ def topk_svd_fast(
     S = evals.flip(0).clamp(min=0).sqrt()
     kk = min(k, S.numel())
     Vs = evecs.flip(1)[:, :kk]
-    return TopK(_left_vectors(BZ @ Vs, S[:kk]), S[:kk], Z @ Vs, S if full else None, step)
+    return TopK(_left_vectors(BZ @ Vs, S[:kk]), S[:kk], Z @ Vs, S if full else None, step, restarts)
 
 
 def _orthogonalise(Q: torch.Tensor, Y: torch.Tensor, coef: torch.Tensor | None) -> torch.Tensor:
