@@ -696,3 +696,30 @@ def test_no_restarts_through_w():
     W0, _ = noise_bulk_pair(500, 500)
     res = topk_svd_fast(W0, 16, SpectralOptions(), expected_steps=1)
     assert res.restarts == 0
+
+
+def test_orth_cholesky_qr_and_its_fallback(monkeypatch):
+    # CholeskyQR2 for well-conditioned blocks, Householder QR for the rest; either way an orthonormal basis of
+    # Y's columns with Q^T Y upper triangular (Y = Q R).
+    g = torch.Generator().manual_seed(3)
+    good = torch.randn(500, 12, dtype=torch.float64, generator=g)
+    ill = good.clone()
+    ill[:, 5] = ill[:, 4] + 1e-9 * ill[:, 6]  # condition number ~1e9
+    deficient = good.clone()
+    deficient[:, 7] = 0.0
+    calls: list[int] = []
+    real_qr = torch.linalg.qr
+
+    def qr(A: torch.Tensor, mode: str = "reduced") -> Any:
+        calls.append(A.shape[1])
+        return real_qr(A, mode=mode)
+
+    monkeypatch.setattr(torch.linalg, "qr", qr)
+    for Y, householder in ((good, False), (ill, True), (deficient, True)):
+        calls.clear()
+        Q = spectral._orth(Y)
+        assert bool(calls) == householder
+        assert bool(torch.isfinite(Q).all())
+        assert float((Q.T @ Q - torch.eye(12, dtype=torch.float64)).abs().max()) < 1e-13
+        R = Q.T @ Y
+        assert float(R.tril(-1).abs().max()) < 1e-12 * float(R.abs().max())

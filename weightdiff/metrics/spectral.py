@@ -156,7 +156,27 @@ def topk_svd_gram(W: torch.Tensor, k: int) -> TopK:
     return TopK(U, sk, V, s)
 
 
+#: CholeskyQR2 serves blocks whose Cholesky factor's diagonal spans less than this ratio (condition number below
+#: about 1e5, where two passes leave the columns orthonormal to float64 rounding); others take Householder QR.
+CHOLQR_MAX_RATIO = 1e-5
+
+
 def _orth(Y: torch.Tensor) -> torch.Tensor:
+    """An orthonormal basis of the columns of the tall Y (float64), as Q of Y = Q R with R upper triangular.
+
+    CholeskyQR2 (R from the Cholesky factor of Y^T Y, twice): three small products instead of a Householder QR,
+    which on a 2048 x 32 block took a millisecond, a tenth of a Krylov step. A block that is rank-deficient or
+    ill-conditioned (a Krylov space running out of directions) fails the Cholesky factorisation or the
+    conditioning test and goes to Householder QR, which completes any basis."""
+    if Y.shape[0] >= Y.shape[1]:
+        Q = Y
+        for _ in range(2):
+            R, info = torch.linalg.cholesky_ex(Q.T @ Q, upper=True)
+            d = R.diagonal()
+            if int(info) != 0 or not bool(d.min() > CHOLQR_MAX_RATIO * d.max()):
+                return torch.linalg.qr(Y, mode="reduced").Q
+            Q = torch.linalg.solve_triangular(R, Q, upper=True, left=False)
+        return Q
     return torch.linalg.qr(Y, mode="reduced").Q
 
 
