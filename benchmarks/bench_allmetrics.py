@@ -7,7 +7,7 @@ BASE TUNED -o report.parquet`` with its defaults (all element-wise and spectral 
 runs in its own process, page cache warm; prints JSON lines with wall times, peak RSS and the ratio.
 
 The pair comes from ``synth.py --spectrum trained`` (matrices with a trained weight's power-law spectrum; on
-pure noise no iterative solver is fast, and trained weights are not noise). By default it is scenario 1's
+pure noise an iterative solver needs about twice the steps, and trained weights are not noise). By default it is scenario 1's
 pair (bench_elementwise.py with the same DIR writes the same one: the ``small`` preset, 19 layers, 1.98 GB
 per checkpoint; the naive side takes about 7 minutes on 2 cores); ``--layers 1`` is a quick check dominated
 by the embedding and LM head. A pair already in
