@@ -723,3 +723,14 @@ def test_orth_cholesky_qr_and_its_fallback(monkeypatch):
         assert float((Q.T @ Q - torch.eye(12, dtype=torch.float64)).abs().max()) < 1e-13
         R = Q.T @ Y
         assert float(R.tril(-1).abs().max()) < 1e-12 * float(R.abs().max())
+
+
+def test_a_run_that_restarts_gets_twice_the_steps(monkeypatch):
+    # Restarted iterations need more (cheaper) steps: a step limit just under what this run needs would stop it
+    # short without the allowance, and with it the run converges exactly as with a generous limit.
+    W0, _ = noise_bulk_pair(1200, 300)
+    monkeypatch.setattr(spectral, "RESTART_STEPS", 2)
+    generous = topk_svd_fast(W0, 16, SpectralOptions(max_iter=80))
+    tight = topk_svd_fast(W0, 16, SpectralOptions(max_iter=generous.iterations - 2))
+    assert tight.restarts >= 1 and tight.iterations == generous.iterations
+    assert torch.equal(tight.S, generous.S) and torch.equal(tight.V, generous.V)
