@@ -734,3 +734,20 @@ def test_a_run_that_restarts_gets_twice_the_steps(monkeypatch):
     tight = topk_svd_fast(W0, 16, SpectralOptions(max_iter=generous.iterations - 2))
     assert tight.restarts >= 1 and tight.iterations == generous.iterations
     assert torch.equal(tight.S, generous.S) and torch.equal(tight.V, generous.V)
+
+
+def test_a_fast_run_stopped_by_its_step_limit_falls_back_to_gram():
+    # Values that have not settled are not reported as if they had: the pair's columns come from the float64
+    # Gram solver instead, and svd_solver says so.
+    W0, W1 = noise_bulk_pair(700, 600)
+    assert topk_svd_fast(W0, 16, SpectralOptions()).converged
+    assert not topk_svd_fast(W0, 16, SpectralOptions(max_iter=2)).converged
+    short = spectral_metrics(W0, W1, SpectralOptions(solver="fast", rank=16, principal_rank=16, max_iter=2))
+    gram = spectral_metrics(W0, W1, SpectralOptions(solver="gram", rank=16, principal_rank=16))
+    got, want = short.columns, gram.columns
+    assert got["svd_solver"] == "gram"
+    for c in ("angle_u_max_deg", "angle_v_max_deg", "sv_drift", "sv_drift_topk", "sigma1_rel_change"):
+        assert got[c] == pytest.approx(want[c], rel=1e-9, abs=1e-12), c
+    assert short.vectors["sv_base"] == gram.vectors["sv_base"]  # the full spectrum, as gram gives it
+    for c in ("principal_overlap", "lowmag_overlap", "principal_energy"):
+        assert got[c] == pytest.approx(want[c], abs=1e-3), c

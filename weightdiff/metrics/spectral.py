@@ -108,6 +108,8 @@ class TopK:
     full: torch.Tensor | None
     iterations: int = 0
     restarts: int = 0
+    #: False when an iterative solver stopped at its step limit before its values settled.
+    converged: bool = True
 
 
 def principal_angles(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
@@ -223,7 +225,9 @@ def topk_svd_fast(
     every ``RESTART_STEPS`` steps, which bounds it at 320 columns for k = 64 instead of up to 900 on a dense
     spectrum. The restarted space holds the best vectors found so far and its Ritz values only rise, so the
     stopping rule still holds; it converges more slowly per step, and once restarted the iteration stops only
-    on a move under ``RESTARTED_TOL_FACTOR`` times the tolerance. ``TopK.restarts`` counts them.
+    on a move under ``RESTARTED_TOL_FACTOR`` times the tolerance. ``TopK.restarts`` counts them;
+    ``TopK.converged`` is False when the step limit came before the values settled (``spectral_metrics`` then
+    takes the ``gram`` solver for that pair).
 
     The result comes from a float64 Rayleigh-Ritz step on the top k + k/2 Ritz vectors of that space: one
     float64 product of W with a few dozen columns, then the eigendecomposition of their small Gram matrix,
@@ -243,7 +247,7 @@ def topk_svd_fast(
     if n > m:
         # The basis lives on the smaller side: fewer rows to orthogonalise, and a smaller space to fill.
         t = topk_svd_fast(W.T, k, opts, block, float64_ritz, first_check, expected_steps, bf16_exact)
-        return TopK(t.V, t.S, t.U, t.full, t.iterations, t.restarts)
+        return TopK(t.V, t.S, t.U, t.full, t.iterations, t.restarts, t.converged)
     b = max(1, min(block if block is not None else min(k, KRYLOV_BLOCK), n))
     W32 = W.to(torch.float32)
     # bf16 tiles where they pay (the magnitude check, a pass over W, only then); else the float32 rule.
@@ -277,6 +281,7 @@ def topk_svd_fast(
     last_vecs: torch.Tensor | None = None
     likely = False
     restarts = 0
+    settled = False
     step = 0
     # Restarted, the steps are cheaper and more of them are needed (pure noise 12288 x 4096: 38 against 32).
     limit = opts.max_iter if restart_at is None else RESTARTED_MAX_ITER_FACTOR * opts.max_iter
@@ -308,6 +313,7 @@ def topk_svd_fast(
                 live = top > RITZ_FLOOR * top[0]
                 moved = float(((top - prev).abs()[live] / top[live]).max()) if bool(live.any()) else 0.0
                 if moved < opts.tol * (RESTARTED_TOL_FACTOR if restarts else 1.0):
+                    settled = True
                     break
                 per_step = moved / (step - prev_step)
                 likely = per_step < LIKELY_PASS * opts.tol
@@ -335,13 +341,14 @@ def topk_svd_fast(
         last_vecs = None  # G changes below: the check's eigenvectors no longer describe it
     Q, G = Qbuf[:, :p], Gbuf[:p, :p]
     full = p >= n
+    settled = settled or full
     if not float64_ritz:
         evals, evecs = torch.linalg.eigh(G)
         S = evals.flip(0).clamp(min=0).sqrt()
         kk = min(k, S.numel())
         V = Q @ evecs.flip(1)[:, :kk]
         U = _left_vectors((W32 @ V.to(torch.float32)).to(torch.float64), S[:kk])
-        return TopK(U, S[:kk], V, S if full else None, step, restarts)
+        return TopK(U, S[:kk], V, S if full else None, step, restarts, settled)
     if full:
         Z = Q  # the whole space: Rayleigh-Ritz on it is the exact decomposition
     else:
@@ -352,7 +359,7 @@ def topk_svd_fast(
     S = evals.flip(0).clamp(min=0).sqrt()
     kk = min(k, S.numel())
     Vs = evecs.flip(1)[:, :kk]
-    return TopK(_left_vectors(BZ @ Vs, S[:kk]), S[:kk], Z @ Vs, S if full else None, step, restarts)
+    return TopK(_left_vectors(BZ @ Vs, S[:kk]), S[:kk], Z @ Vs, S if full else None, step, restarts, settled)
 
 
 def _orthogonalise(Q: torch.Tensor, Y: torch.Tensor, coef: torch.Tensor | None) -> torch.Tensor:
@@ -788,6 +795,11 @@ def _spectral_metrics(base: torch.Tensor, tuned: torch.Tensor, opts: SpectralOpt
             expected_steps=t0.iterations,
             bf16_exact=tuned.dtype == torch.bfloat16,
         )
+        if not (t0.converged and t1.converged):
+            # A side ran out of steps before its values settled (nothing measured comes near the limit): the
+            # columns come from the float64 Gram solver instead, slower but exact, and say so.
+            t0, t1 = topk_svd_gram(W0, need), topk_svd_gram(W1, need)
+            cols["svd_solver"] = "gram"
     U0, S0, V0 = t0.U[:, :k], t0.S[:k], t0.V[:, :k]
     U1, S1, V1 = t1.U[:, :k], t1.S[:k], t1.V[:, :k]
     ang_u = torch.rad2deg(principal_angles(U0, U1))
