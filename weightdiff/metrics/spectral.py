@@ -11,9 +11,11 @@ Solvers:
 - ``exact``: full float64 SVD of both matrices (LAPACK on CPU, cuSOLVER on GPU). The definition itself.
 - ``fast``: randomized block Krylov iteration for the top singular triplets (``topk_svd_fast``): float32
   products grow the space, a float64 Rayleigh-Ritz step extracts the triplets, and it stops when the top-k
-  values moved less than 1e-6 (relative) since the previous check. Base and tuned start from the same
-  random block, so their errors are alike and cancel in the angles between them. Only the top k values are
-  known (unless the space fills the whole side), so ``sv_drift`` (full spectrum) is null.
+  values moved less than 1e-6 (relative) since the previous check (through the Gram matrix the space restarts
+  from its best vectors every few steps). Base and tuned start from the same random block, so their errors
+  are alike and cancel in the angles between them. Only the top k values are known (unless the space fills
+  the whole side), so ``sv_drift`` (full spectrum) is null. A pair whose iteration reaches its step limit
+  first is computed by ``gram`` instead.
 - ``gram``: float64 eigendecomposition of the Gram matrix of the smaller side (see ``topk_svd_gram``); full
   spectrum, exact to float64 rounding for the leading triplets, and much faster than an SVD on GPUs.
 - ``auto``: gram on GPUs; on CPUs gram for matrices whose smaller side is at most 512, fast otherwise
@@ -332,7 +334,7 @@ def topk_svd_fast(
             # so the new space is again a Krylov space, holds the best vectors found so far, and its Ritz values
             # only rise from theirs (G restarts as their diagonal of values).
             Y64, coef = _orthogonalise(Qbuf[:, :p], Y64, coef), None
-            if last_vecs is None:
+            if last_vecs is None:  # else this step's check took eigh: evals and last_vecs are its pair
                 evals, last_vecs = torch.linalg.eigh(Gbuf[:p, :p])
             top = last_vecs.flip(1)[:, :keep]
             Qbuf[:, :keep] = Qbuf[:, :p] @ top
@@ -696,7 +698,8 @@ def _all_finite(W: torch.Tensor) -> bool:
 
 
 def _matmul64(W: torch.Tensor, Z: torch.Tensor) -> torch.Tensor:
-    """W @ Z in float64 for W of any float dtype, widening W a block of rows at a time."""
+    """W @ Z in float64 for W of any float dtype, widening W a block of rows at a time (of its stored rows
+    when W is the transposed view of a contiguous matrix)."""
     if W.dtype == torch.float64:
         return W @ Z
     if not W.is_contiguous() and W.T.is_contiguous():

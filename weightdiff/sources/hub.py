@@ -1172,6 +1172,13 @@ class HubSource(Source):
                 return None
         return data
 
+    def _drain_json(self, response: Any, file: str) -> bytearray:
+        """The whole length-less body of a small JSON file (index, config), refused past MAX_JSON_BYTES."""
+        data = self._drain_upto(response, MAX_JSON_BYTES)
+        if data is None:
+            raise self._error(f"{self._label(file)}: too large for a JSON file")
+        return data
+
     def _get_whole(self, file: str, missing_ok: bool = False) -> bytes | None:
         """A small file (index, config) in one plain GET; None when ``missing_ok`` and it does not exist."""
         url = self._url(file)
@@ -1197,10 +1204,7 @@ class HubSource(Source):
                         buf = bytearray(int(length))
                         self._drain(response, file, memoryview(buf))
                         return bytes(buf)
-                    data = self._drain_upto(response, MAX_JSON_BYTES)
-                    if data is None:
-                        raise self._error(f"{self._label(file)}: too large for a JSON file")
-                    return bytes(data)
+                    return bytes(self._drain_json(response, file))
             except httpx.TooManyRedirects:
                 raise self._error(
                     f"{self._label(file)}: redirect loop (more than {self.max_redirects} redirects)"
@@ -1215,9 +1219,7 @@ class HubSource(Source):
     def _decoded_whole(self, response: Any, file: str, encoding: str) -> bytes:
         """A small whole file sent compressed although identity was asked for (some proxies compress JSON):
         decoded, as the file itself is what is wanted, within MAX_JSON_BYTES both ways."""
-        raw = self._drain_upto(response, MAX_JSON_BYTES)
-        if raw is None:
-            raise self._error(f"{self._label(file)}: too large for a JSON file")
+        raw = self._drain_json(response, file)
         decoder = zlib.decompressobj(_ZLIB_ENCODINGS[encoding])
         try:
             data = decoder.decompress(bytes(raw), MAX_JSON_BYTES + 1)
