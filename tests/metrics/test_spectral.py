@@ -566,9 +566,10 @@ def gram_calls(monkeypatch) -> list[bool]:
     return calls
 
 
-def test_tile_gram_only_for_bf16_storage(gram_calls):
+def test_tile_gram_only_for_bf16_storage(gram_calls, monkeypatch):
     # Only bf16-stored matrices may go through the bf16 tiles: rounding float16 or float32 entries to bf16 would
-    # change the matrix.
+    # change the matrix. (The update's sigma_1 checks its own entries; it is kept out of this count.)
+    monkeypatch.setattr(spectral, "UPDATE_GRAM_AFTER", 10**6)
     W0, W1 = noise_bulk_pair(700, 600)
     opts = SpectralOptions(solver="fast", rank=16, principal_rank=16, max_iter=60)
     results = {}
@@ -751,3 +752,66 @@ def test_a_fast_run_stopped_by_its_step_limit_falls_back_to_gram():
     assert short.vectors["sv_base"] == gram.vectors["sv_base"]  # the full spectrum, as gram gives it
     for c in ("principal_overlap", "lowmag_overlap", "principal_energy"):
         assert got[c] == pytest.approx(want[c], abs=1e-3), c
+
+
+def ulp_moved(W0: torch.Tensor, seed: int = 7) -> torch.Tensor:
+    """W0 (bf16 values) with two thirds of its elements moved by one bf16 rounding step: a noise-like update
+    whose entries (differences of neighbouring bf16 values) are themselves bf16 values."""
+    g = torch.Generator().manual_seed(seed)
+    bits = W0.to(torch.bfloat16).view(torch.int16)
+    # -1, 0 or +1 on the bit pattern: a step down or up in magnitude (never below zero), with random signs.
+    step = torch.randint(-1, 2, W0.shape, generator=g, dtype=torch.int16)
+    step[(bits & 0x7FFF) == 0] = 0
+    return (bits + step).view(torch.bfloat16).float()
+
+
+def test_bf16_valued():
+    W0, _ = noise_bulk_pair(300, 200)
+    D = ulp_moved(W0) - W0
+    assert spectral._bf16_valued(D) and spectral._bf16_valued(D.T)  # stored and transposed order
+    assert not spectral._bf16_valued(D + 1e-6 * (D != 0))
+    off = D.clone()
+    off[-1, -1] = 1 + 2.0**-10  # one entry with more significant bits than bf16's 8
+    assert not spectral._bf16_valued(off) and not spectral._bf16_valued(off.T)
+
+
+def _update_norm_reference(D: torch.Tensor) -> float:
+    return float(np.linalg.norm(D.double().numpy(), ord=2))
+
+
+def test_noise_like_update_switches_to_its_gram_matrix(gram_calls):
+    # sigma_1 of a noise-like update (every element moved by a rounding step or two) settles slowly: after
+    # UPDATE_GRAM_AFTER steps through dW its values still move, and the rest of the run goes through dW's
+    # Gram matrix from bf16 tiles (exact: dW's entries are bf16 values), restarting, in the same Krylov space.
+    W0, _ = noise_bulk_pair(1500, 400)
+    D = ulp_moved(W0) - W0
+    opts = SpectralOptions(solver="fast")
+    got = spectral._spectral_norm(D, opts, "fast")
+    assert gram_calls == [True]
+    assert abs(got - _update_norm_reference(D)) <= 1e-5 * _update_norm_reference(D)
+    # The same run without the switch stays direct, and agrees to the solver's tolerance.
+    res = topk_svd_fast(D, 1, SpectralOptions(tol=1e-5, max_iter=60, seed=1), block=16, float64_ritz=False)
+    assert gram_calls == [True] and res.iterations > spectral.UPDATE_GRAM_AFTER
+    assert abs(got - float(res.S[0])) <= 2e-5 * got
+    # The switched run restarted (its basis is capped) and used more than UPDATE_GRAM_AFTER steps.
+    switched = topk_svd_fast(
+        D, 1, SpectralOptions(tol=1e-5, max_iter=60, seed=1), block=16, float64_ritz=False, gram_after=4
+    )
+    assert switched.restarts >= 1 and switched.converged
+    assert float(switched.S[0]) == got
+
+
+def test_update_that_settles_early_or_is_not_bf16_valued_stays_direct(gram_calls):
+    # A low-rank (trained-like) update settles within UPDATE_GRAM_AFTER steps: no Gram matrix. A noise-like
+    # update whose entries are not all bf16 values (a weight near zero that moved far, relative to its own
+    # size) cannot use the tiles: it stays direct too. Both are right.
+    W0, W1 = noise_bulk_pair(1500, 400)
+    assert not spectral._bf16_valued(W1 - W0)
+    g = torch.Generator().manual_seed(5)
+    low = 1e-2 * torch.randn(1500, 2, generator=g) @ torch.randn(2, 400, generator=g)
+    W2 = (W0 + low).to(torch.bfloat16).float()
+    opts = SpectralOptions(solver="fast")
+    for D in (W2 - W0, W1 - W0):
+        got = spectral._spectral_norm(D, opts, "fast")
+        assert abs(got - _update_norm_reference(D)) <= 1e-5 * _update_norm_reference(D)
+    assert gram_calls == []

@@ -196,6 +196,7 @@ def topk_svd_fast(
     first_check: int = 3,
     expected_steps: int = EXPECTED_STEPS,
     bf16_exact: bool = False,
+    gram_after: int | None = None,
 ) -> TopK:
     """Top-k singular triplets by randomized block Krylov iteration with a float64 Rayleigh-Ritz step.
 
@@ -239,6 +240,12 @@ def topk_svd_fast(
     ``first_check``: the step at which checking may start (a tuned matrix converges about when its base did,
     so it skips the checks before; it still stops only on a passed check).
 
+    ``gram_after``: for an operator whose step count is not known in advance (the update's sigma_1: a few
+    steps on a trained update, a dozen or more on a noise-like one). W is applied directly for that many
+    steps; if the values have not settled by then and W's entries are all bfloat16 values (checked then, one
+    pass over W), the Gram matrix is formed from bf16 tiles and the iteration goes on through it, with
+    restarts, in the same Krylov space: the operator is the same, only its products are cheaper.
+
     ``block``: columns added per step, by default ``min(k, KRYLOV_BLOCK)``. Smaller blocks reach the
     tolerance with a smaller space (fewer products in all, and Gram-Schmidt and Ritz checks on fewer
     columns) at the price of more steps: on k = 64, 32 columns a step beat 64 on every shape measured
@@ -248,7 +255,9 @@ def topk_svd_fast(
     m, n = W.shape
     if n > m:
         # The basis lives on the smaller side: fewer rows to orthogonalise, and a smaller space to fill.
-        t = topk_svd_fast(W.T, k, opts, block, float64_ritz, first_check, expected_steps, bf16_exact)
+        t = topk_svd_fast(
+            W.T, k, opts, block, float64_ritz, first_check, expected_steps, bf16_exact, gram_after
+        )
         return TopK(t.V, t.S, t.U, t.full, t.iterations, t.restarts, t.converged)
     b = max(1, min(block if block is not None else min(k, KRYLOV_BLOCK), n))
     W32 = W.to(torch.float32)
@@ -261,6 +270,7 @@ def topk_svd_fast(
         and _tile_safe(W32)
     )
     G32 = _gram32(W32, tiles) if tiles or _gram_operator_pays(m, n, b, expected_steps) else None
+    late = gram_after if G32 is None and W.device.type == "cpu" else None
     g = torch.Generator(device="cpu").manual_seed(opts.seed)
     Y64 = torch.randn(n, b, generator=g, dtype=torch.float32).to(W.device, torch.float64)
     # Preallocated: the basis Q and G = Q^T (W^T W) Q (from the float32 products), filled p columns so far.
@@ -269,7 +279,7 @@ def topk_svd_fast(
     # Gram-Schmidt and checks on the basis, which grow with it; through W the extra steps would cost more.
     keep = min(n, k + max(8, k // 2))
     restart_at = keep + RESTART_STEPS * b if G32 is not None and keep + RESTART_STEPS * b < cap else None
-    room = cap if restart_at is None else restart_at
+    room = cap if restart_at is None else restart_at  # a late Gram matrix restarts within cap columns
     Qbuf = torch.empty(n, room, dtype=torch.float64, device=W.device)
     Gbuf = torch.empty(room, room, dtype=torch.float64, device=W.device)
     p = 0
@@ -287,7 +297,8 @@ def topk_svd_fast(
     step = 0
     # Restarted, the steps are cheaper and more of them are needed (pure noise 12288 x 4096: 38 against 32).
     limit = opts.max_iter if restart_at is None else RESTARTED_MAX_ITER_FACTOR * opts.max_iter
-    for step in range(1, limit + 1):
+    while step < limit:
+        step += 1
         Y64 = _orthogonalise(Qbuf[:, :p], Y64, coef)[:, : cap - p]
         # One step of A = W^T W, in float32: it extends G and is the next block.
         Y32 = Y64.to(torch.float32)
@@ -319,6 +330,14 @@ def topk_svd_fast(
                     break
                 per_step = moved / (step - prev_step)
                 likely = per_step < LIKELY_PASS * opts.tol
+                if late is not None and step >= late:
+                    # Far from settled (a noise-like operator): the remaining steps go through the Gram matrix.
+                    if per_step > LATE_GRAM_MOVE * opts.tol and _late_tiles_ok(W32):
+                        G32 = _gram32(W32, tiles=True)
+                        if keep + RESTART_STEPS * b < cap:
+                            restart_at = keep + RESTART_STEPS * b
+                            limit = RESTARTED_MAX_ITER_FACTOR * opts.max_iter
+                    late = None
                 # A step's products (through W or its Gram matrix) and Gram-Schmidt (float64, half speed).
                 step_flops = (2 * n * n * b if G32 is not None else 4 * m * n * b) + 12 * n * p * b
                 cheap = p <= CHECK_ALWAYS_MAX or CHECK_FLOPS_PER_P3 * p**3 <= step_flops
@@ -435,6 +454,21 @@ def _gram32(W32: torch.Tensor, tiles: bool = False) -> torch.Tensor:
 #: which for entries this small would no longer be negligible next to float32 rounding (2^-40 squared is
 #: 2^46 times the smallest normal float32).
 TILE_MIN_MAGNITUDE = 2.0**-40
+
+
+def _late_tiles_ok(W32: torch.Tensor) -> bool:
+    return bf16_gram_available() and _bf16_valued(W32) and _tile_safe(W32)
+
+
+def _bf16_valued(W32: torch.Tensor) -> bool:
+    """Whether every entry of the float32 ``W32`` is a bfloat16 value (its low 16 bits are zero): then bf16 tile
+    products of it are exact. A difference of two nearby bf16 values usually is one."""
+    X = W32.T if W32.T.is_contiguous() and not W32.is_contiguous() else W32  # memory order, as _tile_safe
+    low = torch.tensor(0xFFFF, dtype=torch.int32)
+    for part in X.reshape(-1).split(1 << 22):
+        if bool(torch.bitwise_and(part.view(torch.int32), low).any()):
+            return False
+    return True
 
 
 def _tile_safe(W32: torch.Tensor) -> bool:
@@ -599,12 +633,25 @@ def _spectral_norm(D: torch.Tensor, opts: SpectralOptions, solver: str) -> float
         gram = D.T @ D if D.shape[1] <= D.shape[0] else D @ D.T
         return math.sqrt(max(0.0, top_eigenvalue(gram, seed=opts.seed + 1)))
     # The largest singular value from a small Krylov block: only sigma_1 is needed, to about 1e-5 relative
-    # (plenty for a stable rank), and extreme Ritz values converge within a few dozen steps.
+    # (plenty for a stable rank), and extreme Ritz values converge within a few dozen steps: 4-5 on a
+    # trained update, 15-17 on a noise-like one, whose steps then go through dW's Gram matrix.
     res = topk_svd_fast(
-        D, 1, SpectralOptions(tol=1e-5, max_iter=60, seed=opts.seed + 1), block=16, float64_ritz=False
+        D,
+        1,
+        SpectralOptions(tol=1e-5, max_iter=60, seed=opts.seed + 1),
+        block=16,
+        float64_ritz=False,
+        gram_after=UPDATE_GRAM_AFTER,
     )
     return float(res.S[0])
 
+
+#: Steps of the update's sigma_1 through dW itself before its Gram matrix is formed (``gram_after``): a trained
+#: update settles within them, a noise-like one needs about three times as many.
+UPDATE_GRAM_AFTER = 4
+#: ... if the values still moved more than this many times the tolerance per step at the check then (pure
+#: noise 2e-2 to 4e-2 at step 4 for tol 1e-5, trained-like at most 5.5e-5; docs/performance.md).
+LATE_GRAM_MOVE = 100
 
 #: Lanczos (``top_eigenvalue``): matrices up to this size go straight to eigvalsh; steps between convergence
 #: checks at first (doubled at each check); most steps before giving up and calling eigvalsh.
