@@ -3,9 +3,11 @@ local compare of the same files, in the same run.
 
 The fake Hub (tests/hub_server.py) runs in its own process, so the server's Python does not compete with the
 compare for the interpreter lock. Each contender is a fresh ``python -m weightdiff compare --no-spectral``
-process; the best of ``--repeat`` runs is kept, with its CPU time and the server's CPU time during it (the
-server shares the machine's cores with the compare). Prints JSON lines. Usage:
-    python benchmarks/bench_hub.py BASE_DIR TUNED_DIR [--repeat 2]
+process (element-wise only: the least compute to hide the transfer behind, the hardest case), or with
+``--all-metrics`` a plain ``weightdiff compare`` (every metric, the command's default); the best of
+``--repeat`` runs is kept, with its CPU time and the server's CPU time during it (the server shares the
+machine's cores with the compare). Prints JSON lines. Usage:
+    python benchmarks/bench_hub.py BASE_DIR TUNED_DIR [--repeat 2] [--all-metrics]
 (for example the pair written by ``python benchmarks/synth.py /tmp/x --size-gb 0.5``).
 """
 
@@ -60,6 +62,7 @@ def main() -> None:
     ap.add_argument("base", type=Path)
     ap.add_argument("tuned", type=Path)
     ap.add_argument("--repeat", type=int, default=2)
+    ap.add_argument("--all-metrics", action="store_true", help="every metric (compare's default)")
     args = ap.parse_args()
     server = subprocess.Popen(
         [sys.executable, "-c", SERVER, str(ROOT), str(args.base), str(args.tuned)],
@@ -75,7 +78,9 @@ def main() -> None:
             "HF_HOME": str(Path("/tmp") / "wd-bench-hf"),
             "HF_TOKEN": "",
         }
-        base = [sys.executable, "-m", "weightdiff", "compare", "--no-spectral", "-q"]
+        base = [sys.executable, "-m", "weightdiff", "compare", "-q"]
+        if not args.all_metrics:
+            base.append("--no-spectral")
         size = sum(p.stat().st_size for d in (args.base, args.tuned) for p in d.rglob("*.safetensors"))
         inf = (float("inf"), 0.0, 0.0)
         best = {"local": inf, "hub": inf}
@@ -88,6 +93,7 @@ def main() -> None:
             json.dumps(
                 {
                     "pair_gb": round(size / 1e9, 3),
+                    "metrics": "all" if args.all_metrics else "element-wise",
                     "repeat": args.repeat,
                     "local_s": round(best["local"][0], 2),
                     "hub_s": round(best["hub"][0], 2),

@@ -15,7 +15,9 @@ Solvers:
   from its best vectors every few steps). Base and tuned start from the same random block, so their errors
   are alike and cancel in the angles between them. Only the top k values are known (unless the space fills
   the whole side), so ``sv_drift`` (full spectrum) is null. A pair whose iteration reaches its step limit
-  first is computed by ``gram`` instead.
+  first is computed by ``gram`` instead. The update's sigma_1 (for its stable rank) comes from a short float32
+  run of the same solver on dW, which moves to dW's Gram matrix (bf16 tiles) if it is slow to settle and
+  every entry of dW is a bf16 value.
 - ``gram``: float64 eigendecomposition of the Gram matrix of the smaller side (see ``topk_svd_gram``); full
   spectrum, exact to float64 rounding for the leading triplets, and much faster than an SVD on GPUs.
 - ``auto``: gram on GPUs; on CPUs gram for matrices whose smaller side is at most 512, fast otherwise
