@@ -329,15 +329,8 @@ def _partition_kth(x: torch.Tensor, pos: int) -> float:
     return float(a[pos - 1])
 
 
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-@pytest.mark.parametrize("case", ["normal", "zeros", "ties", "subnormal", "wide_range", "one_huge"])
-def test_radix_select_matches_partition(dtype, case, monkeypatch):
-    # The GPU order statistic behind the mask thresholds, run here on the CPU with tiny chunks and a tiny
-    # hand-off size so that every pass (chunked histograms, refinement to the last 16 bits) is exercised.
-    monkeypatch.setattr(spectral, "_RADIX_SMALL", 50)
-    monkeypatch.setattr(spectral, "_RADIX_CHUNK", 997)
+def _select_cases(case: str, dtype: torch.dtype, n: int) -> torch.Tensor:
     g = torch.Generator().manual_seed(3)
-    n = 20011
     x = {
         "normal": lambda: torch.randn(n, generator=g, dtype=dtype).abs(),
         "zeros": lambda: torch.zeros(n, dtype=dtype),
@@ -348,8 +341,36 @@ def test_radix_select_matches_partition(dtype, case, monkeypatch):
     }[case]()
     if case == "subnormal":
         x[::3] = 0.0
+    return x
+
+
+SELECT_CASES = ["normal", "zeros", "ties", "subnormal", "wide_range", "one_huge"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("case", SELECT_CASES)
+def test_radix_select_matches_partition(dtype, case, monkeypatch):
+    # The GPU order statistic behind the mask thresholds, run here on the CPU with tiny chunks and a tiny
+    # hand-off size so that every pass (chunked histograms, refinement to the last 16 bits) is exercised.
+    monkeypatch.setattr(spectral, "_RADIX_SMALL", 50)
+    monkeypatch.setattr(spectral, "_RADIX_CHUNK", 997)
+    n = 20011
+    x = _select_cases(case, dtype, n)
     for pos in (1, 2, n // 3, n // 2, n - 1, n):
         assert spectral.radix_kth_smallest(x.clone(), pos) == _partition_kth(x, pos), pos
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("case", SELECT_CASES)
+def test_cpu_select_on_bit_patterns_matches_float_partition(dtype, case):
+    # The CPU order statistic selects on the values' bit patterns as integers (same order for values with the
+    # sign bit clear): the same value as numpy's selection on the floats, at every position.
+    n = 20011
+    x = _select_cases(case, dtype, n)
+    order = np.sort(x.numpy())
+    for pos in (1, 2, n // 3, n // 2, n - 1, n):
+        got = spectral._kth_smallest(x.clone(), pos)
+        assert got == _partition_kth(x, pos) == float(order[pos - 1]), pos
 
 
 def test_lanczos_top_eigenvalue_matches_eigvalsh():

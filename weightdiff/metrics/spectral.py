@@ -34,6 +34,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import torch
 
@@ -556,12 +557,15 @@ def _kth_smallest(values: torch.Tensor, pos: int) -> float:
     """The value at 1-based position ``pos`` of ``values`` sorted ascending (an exact order statistic).
 
     ``values`` is scratch, with the sign bit clear (absolute values): on the CPU it is partially sorted in
-    place (numpy's introselect, several times faster than torch.kthvalue, and no copy of a matrix-sized
-    array); elsewhere a radix select on its bit patterns (``radix_kth_smallest``)."""
+    place (numpy's selection, several times faster than torch.kthvalue, and no copy of a matrix-sized
+    array), as integers: non-negative floats order as their bit patterns do, and numpy selects on 32- and
+    64-bit integers about 3.5 times faster than on floats (65 million values: 0.044 s against 0.156 s);
+    elsewhere a radix select on its bit patterns (``radix_kth_smallest``)."""
     flat = values.reshape(-1)
     if flat.device.type == "cpu" and flat.is_contiguous():
         arr = flat.numpy()
-        arr.partition(pos - 1)
+        ints = _NUMPY_ORDERED_BITS.get(arr.dtype)
+        (arr.view(ints) if ints is not None else arr).partition(pos - 1)
         return float(arr[pos - 1])
     if flat.dtype in _ORDERED_BITS and flat.is_contiguous():
         return radix_kth_smallest(flat, pos)
@@ -570,6 +574,7 @@ def _kth_smallest(values: torch.Tensor, pos: int) -> float:
 
 #: Integer views under which non-negative floats sort as their bit patterns do.
 _ORDERED_BITS = {torch.float64: torch.int64, torch.float32: torch.int32}
+_NUMPY_ORDERED_BITS = {np.dtype(np.float64): np.int64, np.dtype(np.float32): np.int32}
 #: Radix select: bits per pass, elements per histogram chunk, and the candidate count small enough to finish
 #: with kthvalue.
 _RADIX_BITS = 16
