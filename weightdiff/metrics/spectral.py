@@ -244,10 +244,11 @@ def topk_svd_fast(
     so it skips the checks before; it still stops only on a passed check).
 
     ``gram_after``: for an operator whose step count is not known in advance (the update's sigma_1: a few
-    steps on a trained update, a dozen or more on a noise-like one). W is applied directly for that many
-    steps; if the values have not settled by then and W's entries are all bfloat16 values (checked then, one
-    pass over W), the Gram matrix is formed from bf16 tiles and the iteration goes on through it, with
-    restarts, in the same Krylov space: the operator is the same, only its products are cheaper.
+    steps on a trained update, a dozen or more on a noise-like one). W is applied directly; at the first
+    check from that step on, if the values still move by more than ``LATE_GRAM_MOVE`` times the tolerance a
+    step and W's entries are all bfloat16 values (checked then, one pass over W), the Gram matrix is formed
+    from bf16 tiles and the iteration goes on through it, with restarts, in the same Krylov space: the
+    operator is the same, only its products are cheaper. Otherwise it goes on through W.
 
     ``block``: columns added per step, by default ``min(k, KRYLOV_BLOCK)``. Smaller blocks reach the
     tolerance with a smaller space (fewer products in all, and Gram-Schmidt and Ritz checks on fewer
@@ -460,6 +461,7 @@ TILE_MIN_MAGNITUDE = 2.0**-40
 
 
 def _late_tiles_ok(W32: torch.Tensor) -> bool:
+    """Whether a Gram matrix formed in the middle of a run (``gram_after``) may come from bf16 tiles."""
     return bf16_gram_available() and _bf16_valued(W32) and _tile_safe(W32)
 
 
@@ -653,10 +655,10 @@ def _spectral_norm(D: torch.Tensor, opts: SpectralOptions, solver: str) -> float
     return float(res.S[0])
 
 
-#: Steps of the update's sigma_1 through dW itself before its Gram matrix is formed (``gram_after``): a trained
-#: update settles within them, a noise-like one needs about three times as many.
+#: The step at which the update's sigma_1 decides whether to go on through dW's Gram matrix (``gram_after``):
+#: a trained update settles in 4-5 steps, a noise-like one needs 15-17 ...
 UPDATE_GRAM_AFTER = 4
-#: ... if the values still moved more than this many times the tolerance per step at the check then (pure
+#: ... and it does if the value still moved more than this many times the tolerance a step at that check (pure
 #: noise 2e-2 to 4e-2 at step 4 for tol 1e-5, trained-like at most 5.5e-5; docs/performance.md).
 LATE_GRAM_MOVE = 100
 
