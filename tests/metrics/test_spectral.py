@@ -480,8 +480,7 @@ def test_spaced_out_checks_never_stop_before_the_per_step_rule(monkeypatch):
     monkeypatch.setattr(spectral, "CHECK_FLOPS_PER_P3", 0)  # every check cheap: every step
     every = topk_svd_fast(W, 64, SpectralOptions())
     n_every, checks[:] = len(checks), []
-    monkeypatch.setattr(spectral, "CHECK_FLOPS_PER_P3", 10**9)  # every check on a large space dear
-    monkeypatch.setattr(spectral, "CHECK_ALWAYS_MAX", 0)
+    monkeypatch.setattr(spectral, "CHECK_FLOPS_PER_P3", 10**9)  # every check dear
     spaced = topk_svd_fast(W, 64, SpectralOptions())
     # Checks from step 3 on: every step, or spaced out (fewer checks, over a few more steps here).
     assert n_every == every.iterations - 2
@@ -537,6 +536,8 @@ def test_a_check_likely_to_pass_lends_its_eigenvectors_to_the_final_step(monkeyp
 
     monkeypatch.setattr(torch.linalg, "eigh", eigh)
     monkeypatch.setattr(torch.linalg, "eigvalsh", eigvalsh)
+    # A check every step (spaced-out checks judge "likely" from a move averaged over several steps).
+    monkeypatch.setattr(spectral, "CHECK_CHEAP_FRACTION", 10**9)
     monkeypatch.setattr(spectral, "LIKELY_PASS", 0)  # no check is likely to pass: eigvalsh, then eigh again
     plain = topk_svd_fast(W, 16, SpectralOptions())
     plain_calls, calls[:] = list(calls), []

@@ -53,8 +53,12 @@ RITZ_FLOOR = 1e-4
 #: fast solver: the cost of a convergence check (an eigvalsh of the p x p projected matrix, about 4/3 p^3 flops at a
 #: ninth of a matrix product's speed: 42 ms for p = 800 on the 2-core CPU) in matrix-product flops, per p^3.
 CHECK_FLOPS_PER_P3 = 12
-#: fast solver: checks on a space of at most this many columns take a millisecond or two and run every step.
-CHECK_ALWAYS_MAX = 256
+#: fast solver: a check runs every step only while it costs less than this fraction of a step; otherwise checks
+#: are spaced out by as many steps as the values could not settle in (``_steps_to_next_check``). A check that
+#: cannot pass is wasted whatever it costs: at 1 (every step while a check costs less than a step) the solver
+#: ran 3-10% slower on pure noise and 0-8% on trained-like spectra, with the same steps and results
+#: (docs/performance.md).
+CHECK_CHEAP_FRACTION = 0.25
 #: fast solver: the fastest shrink per step assumed for the Ritz values' moves when spacing out checks (measured:
 #: 0.14 to 0.45 near convergence).
 FASTEST_SHRINK = 0.1
@@ -211,9 +215,10 @@ def topk_svd_fast(
     roots of the eigenvalues of G = Q^T W^T W Q, from the float32 products: about 1e-7 relative, well under
     the 1e-6 default tolerance) are checked; they rise monotonically towards the singular values, and the
     iteration stops once they moved less than ``opts.tol`` (relative) since the previous check. Checks run
-    every step while one (an eigvalsh of G) costs less than a step or the space is small; on a larger space
-    a check is skipped for as many steps as the values could not converge in even if their moves shrank by
-    ``FASTEST_SHRINK`` a step, judged from their average move per step since the check before. Over several
+    every step while one (an eigvalsh of G) costs less than ``CHECK_CHEAP_FRACTION`` of a step (a small
+    space); on a larger space a check is skipped for as many steps as the values could not converge in even
+    if their moves shrank by ``FASTEST_SHRINK`` a step, judged from their average move per step since the
+    check before. Over several
     steps the stopping rule is stricter than the per-step one, never looser: Ritz values of nested spaces
     only rise, so a move under tol across several steps means each step moved less. A Krylov space
     converges much faster than subspace iteration where the spectrum is dense around k, as in trained
@@ -344,7 +349,7 @@ def topk_svd_fast(
                     late = None
                 # A step's products (through W or its Gram matrix) and Gram-Schmidt (float64, half speed).
                 step_flops = (2 * n * n * b if G32 is not None else 4 * m * n * b) + 12 * n * p * b
-                cheap = p <= CHECK_ALWAYS_MAX or CHECK_FLOPS_PER_P3 * p**3 <= step_flops
+                cheap = CHECK_FLOPS_PER_P3 * p**3 <= CHECK_CHEAP_FRACTION * step_flops
                 next_check = step + _steps_to_next_check(per_step, cheap, opts.tol)
             prev, prev_step = top, step
         # Column scaling keeps the block's magnitudes near 1; the same scaling turns Q^T A Y into the next
