@@ -34,7 +34,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import pyarrow as pa
 import torch
 
@@ -287,7 +286,8 @@ def topk_svd_fast(
     # Thick restarts (through the Gram matrix only): with the operator that cheap, a step's cost is the float64
     # Gram-Schmidt and checks on the basis, which grow with it; through W the extra steps would cost more.
     keep = min(n, k + max(8, k // 2))
-    restart_at = keep + RESTART_STEPS * b if G32 is not None and keep + RESTART_STEPS * b < cap else None
+    cycle = keep + RESTART_STEPS * b if keep + RESTART_STEPS * b < cap else None  # None: no room to restart
+    restart_at = cycle if G32 is not None else None
     room = cap if restart_at is None else restart_at  # a late Gram matrix restarts within cap columns
     Qbuf = torch.empty(n, room, dtype=torch.float64, device=W.device)
     Gbuf = torch.empty(room, room, dtype=torch.float64, device=W.device)
@@ -305,7 +305,8 @@ def topk_svd_fast(
     settled = False
     step = 0
     # Restarted, the steps are cheaper and more of them are needed (pure noise 12288 x 4096: 38 against 32).
-    limit = opts.max_iter if restart_at is None else RESTARTED_MAX_ITER_FACTOR * opts.max_iter
+    restarted_limit = RESTARTED_MAX_ITER_FACTOR * opts.max_iter
+    limit = opts.max_iter if restart_at is None else restarted_limit
     while step < limit:
         step += 1
         Y64 = _orthogonalise(Qbuf[:, :p], Y64, coef)[:, : cap - p]
@@ -343,9 +344,8 @@ def topk_svd_fast(
                     # Far from settled (a noise-like operator): the remaining steps go through the Gram matrix.
                     if per_step > LATE_GRAM_MOVE * opts.tol and _late_tiles_ok(W32):
                         G32 = _gram32(W32, tiles=True)
-                        if keep + RESTART_STEPS * b < cap:
-                            restart_at = keep + RESTART_STEPS * b
-                            limit = RESTARTED_MAX_ITER_FACTOR * opts.max_iter
+                        if cycle is not None:
+                            restart_at, limit = cycle, restarted_limit
                     late = None
                 # A step's products (through W or its Gram matrix) and Gram-Schmidt (float64, half speed).
                 step_flops = (2 * n * n * b if G32 is not None else 4 * m * n * b) + 12 * n * p * b
@@ -473,20 +473,23 @@ def _late_tiles_ok(W32: torch.Tensor) -> bool:
 def _bf16_valued(W32: torch.Tensor) -> bool:
     """Whether every entry of the float32 ``W32`` is a bfloat16 value (its low 16 bits are zero): then bf16 tile
     products of it are exact. A difference of two nearby bf16 values usually is one."""
-    X = W32.T if W32.T.is_contiguous() and not W32.is_contiguous() else W32  # memory order, as _tile_safe
-    low = torch.tensor(0xFFFF, dtype=torch.int32)
-    for part in X.reshape(-1).split(1 << 22):
-        if bool(torch.bitwise_and(part.view(torch.int32), low).any()):
+    for part in _stored_order(W32).reshape(-1).split(1 << 22):
+        if bool((part.view(torch.int32) & 0xFFFF).any()):
             return False
     return True
+
+
+def _stored_order(W32: torch.Tensor) -> torch.Tensor:
+    """W32, or the contiguous matrix it is the transposed view of (the fast solver's view of a wide matrix):
+    a pass over the elements in memory order, ten times faster than striding across the transpose."""
+    return W32.T if W32.T.is_contiguous() and not W32.is_contiguous() else W32
 
 
 def _tile_safe(W32: torch.Tensor) -> bool:
     if not W32.numel():
         return False
-    # No |W| copy (an embedding's would take gigabytes), and the pass over W's own memory order: aminmax of
-    # a transposed view (a wide matrix) strides through memory, ten times slower.
-    lo, hi = torch.aminmax(W32.T if W32.T.is_contiguous() and not W32.is_contiguous() else W32)
+    # No |W| copy (an embedding's would take gigabytes), and one pass in memory order.
+    lo, hi = torch.aminmax(_stored_order(W32))
     return max(-float(lo), float(hi)) >= TILE_MIN_MAGNITUDE
 
 
@@ -570,10 +573,9 @@ def _kth_smallest(values: torch.Tensor, pos: int) -> float:
     elsewhere a radix select on its bit patterns (``radix_kth_smallest``)."""
     flat = values.reshape(-1)
     if flat.device.type == "cpu" and flat.is_contiguous():
-        arr = flat.numpy()
-        ints = _NUMPY_ORDERED_BITS.get(arr.dtype)
-        (arr.view(ints) if ints is not None else arr).partition(pos - 1)
-        return float(arr[pos - 1])
+        ints = _ORDERED_BITS.get(flat.dtype)
+        (flat.view(ints) if ints is not None else flat).numpy().partition(pos - 1)
+        return float(flat[pos - 1])
     if flat.dtype in _ORDERED_BITS and flat.is_contiguous():
         return radix_kth_smallest(flat, pos)
     return float(torch.kthvalue(flat, pos).values)
@@ -581,7 +583,6 @@ def _kth_smallest(values: torch.Tensor, pos: int) -> float:
 
 #: Integer views under which non-negative floats sort as their bit patterns do.
 _ORDERED_BITS = {torch.float64: torch.int64, torch.float32: torch.int32}
-_NUMPY_ORDERED_BITS = {np.dtype(np.float64): np.int64, np.dtype(np.float32): np.int32}
 #: Radix select: bits per pass, elements per histogram chunk, and the candidate count small enough to finish
 #: with kthvalue.
 _RADIX_BITS = 16
